@@ -1,0 +1,94 @@
+"""The one exception tree of SMIG.
+
+Every error SMIG raises on purpose derives from :class:`SmigError`; backends translate the
+errors of the libraries they use at their boundary (``raise X(...) from e``)::
+
+    SmigError
+    ├── ConfigError               bad or missing configuration, bad command-line input
+    ├── ImageError                the guest image cannot be built or is missing
+    ├── HypervisorError           a driver could not do what was asked
+    │   ├── VMNotFound            no VM of that name on this host
+    │   ├── VMExists              a VM of that name already exists
+    │   ├── VMStateError          the VM is not in a state that allows the operation
+    │   ├── LaunchError           the hypervisor process did not start or the guest did not boot
+    │   └── QMPError              the QMP conversation with QEMU failed
+    └── MigrationError            a live migration did not complete (the VM stays on its source)
+        ├── PortInUse             the destination cannot listen on the requested address
+        ├── DestinationUnreachable  the source cannot reach the destination
+        ├── TLSError              TLS credentials are missing or the handshake was refused
+        ├── MigrationCancelled    cancelled on request
+        └── MigrationTimeout      did not complete within its time limit
+
+Each error carries structured fields (``vm``, ``host``) next to a message a person can act on.
+"""
+
+from __future__ import annotations
+
+
+class SmigError(Exception):
+    """Root of every error SMIG raises on purpose."""
+
+    def __init__(self, message: str, *, vm: str | None = None, host: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.vm = vm
+        self.host = host
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(SmigError):
+    """Configuration or command-line input that cannot be used."""
+
+
+class ImageError(SmigError):
+    """The guest image cannot be built, or is not built yet."""
+
+
+class HypervisorError(SmigError):
+    """A hypervisor driver could not do what was asked."""
+
+
+class VMNotFound(HypervisorError):
+    """No VM of that name exists on this host."""
+
+
+class VMExists(HypervisorError):
+    """A VM of that name already exists on this host."""
+
+
+class VMStateError(HypervisorError):
+    """The VM is not in a state that allows the operation."""
+
+
+class LaunchError(HypervisorError):
+    """The hypervisor process did not start, or the guest did not boot in time."""
+
+
+class QMPError(HypervisorError):
+    """The QMP conversation with a QEMU process failed."""
+
+
+class MigrationError(SmigError):
+    """A live migration did not complete; the VM keeps running on its source."""
+
+
+class PortInUse(MigrationError):
+    """The destination cannot listen on the requested address: something else holds it."""
+
+
+class DestinationUnreachable(MigrationError):
+    """The source cannot reach the destination's migration address."""
+
+
+class TLSError(MigrationError):
+    """TLS credentials are missing, or the peer refused them during the handshake."""
+
+
+class MigrationCancelled(MigrationError):
+    """The migration was cancelled on request."""
+
+
+class MigrationTimeout(MigrationError):
+    """The migration did not complete within its time limit and was cancelled."""

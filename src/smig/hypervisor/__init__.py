@@ -1,0 +1,1 @@
+"""Drivers that run VMs: the interface in :mod:`base`, one module per backend."""

@@ -1,0 +1,536 @@
+"""The QEMU driver: real QEMU processes, driven over QMP, under KVM where it boots Linux, TCG
+otherwise.
+
+Layout under the driver's home (``$SMIG_HOME``)::
+
+    vms/NAME/vm.json        the VM's spec and its current instance (pid, accelerator)
+    vms/NAME/ID/            one QEMU process's files: qmp.sock, qmp-aux.sock, heartbeat.log,
+                            console.log, qemu.pid, qemu.log (and migrate.sock when receiving)
+
+A migration on one machine has two instances of the same VM side by side; ``vm.json`` names
+the one that runs the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from smig.errors import (
+    ConfigError,
+    LaunchError,
+    MigrationError,
+    PortInUse,
+    QMPError,
+    TLSError,
+    VMExists,
+    VMNotFound,
+    VMStateError,
+)
+from smig.guest.image import GuestImage, ImageBuilder
+from smig.hypervisor import accel as accel_mod
+from smig.hypervisor import heartbeat, process
+from smig.hypervisor.base import Capability
+from smig.hypervisor.migration_status import classify_failure, progress_from_query
+from smig.hypervisor.qemu_argv import InstancePaths, qemu_argv
+from smig.hypervisor.qmp import QMPCommandError, Session, session
+from smig.model import (
+    Accel,
+    IncomingVM,
+    MigrationParams,
+    MigrationProgress,
+    MigrationStats,
+    MigrationStatus,
+    Transport,
+    VMInfo,
+    VMSpec,
+    VMState,
+    VMStatus,
+    valid_vm_name,
+)
+
+log = logging.getLogger(__name__)
+
+_RUNSTATES = {
+    "running": VMState.RUNNING,
+    "paused": VMState.PAUSED,
+    "finish-migrate": VMState.PAUSED,
+    "prelaunch": VMState.PAUSED,
+    "suspended": VMState.PAUSED,
+    "inmigrate": VMState.INCOMING,
+    "postmigrate": VMState.MIGRATED,
+}
+_SUN_PATH_MAX = 107
+_UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s; QEMU 7.2 has no "no cap" value
+_TLS_IN = "smig-tls-in"
+_TLS_OUT = "smig-tls-out"
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """How this host's QEMU driver runs."""
+
+    home: Path
+    cache: Path
+    binary: str = "qemu-system-x86_64"
+    accel: Accel | None = None  # None: decide from host facts and a boot probe
+    listen_host: str = "127.0.0.1"
+    boot_timeout_s: float = 90.0
+    probe_timeout_s: float = 30.0
+
+
+class QemuDriver:
+    """A :class:`~smig.hypervisor.base.HypervisorDriver` for QEMU."""
+
+    capabilities = frozenset(
+        {
+            Capability.LIVE_MIGRATION,
+            Capability.TLS_MIGRATION,
+            Capability.TCP_TRANSPORT,
+            Capability.UNIX_TRANSPORT,
+            Capability.BANDWIDTH_LIMIT,
+            Capability.CANCEL_MIGRATION,
+            Capability.AUTO_CONVERGE,
+        }
+    )
+
+    def __init__(self, config: QemuConfig) -> None:
+        self.config = config
+        self._vms = config.home / "vms"
+        self._accel: tuple[Accel, str] | None = None
+        # Outgoing migrations this driver started: name -> (instance, pid) of the source.
+        self._outgoing: dict[str, tuple[str, int]] = {}
+
+    # -- files -------------------------------------------------------------------------
+
+    def _vm_dir(self, name: str) -> Path:
+        if not valid_vm_name(name):
+            raise ConfigError(
+                f"bad VM name {name!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)", vm=name
+            )
+        return self._vms / name
+
+    def _paths(self, name: str, instance: str) -> InstancePaths:
+        return InstancePaths(self._vm_dir(name) / instance)
+
+    def _record(self, name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self._vm_dir(name) / "vm.json").read_text())
+        except FileNotFoundError:
+            raise VMNotFound(f"no VM named {name!r} on this host (see `smig vm list`)", vm=name) from None
+        if not isinstance(data, dict):
+            raise VMNotFound(f"the record of VM {name!r} is unreadable", vm=name)
+        return data
+
+    def _write_record(self, spec: VMSpec, instance: str, pid: int, accel: Accel, image: str) -> None:
+        path = self._vm_dir(spec.name) / "vm.json"
+        tmp = path.with_suffix(".tmp")
+        record = {"spec": asdict(spec), "instance": instance, "pid": pid, "accel": accel.value, "image": image}
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+
+    @asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """Serialise changes to one VM across processes (two CLIs, an agent)."""
+        vm_dir = self._vm_dir(name)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(vm_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+    def _new_instance(self, name: str) -> InstancePaths:
+        paths = self._paths(name, secrets.token_hex(3))
+        if len(str(paths.qmp_aux)) > _SUN_PATH_MAX:
+            raise ConfigError(
+                f"SMIG_HOME {self.config.home} is too long for QEMU's sockets "
+                f"({len(str(paths.qmp_aux))} > {_SUN_PATH_MAX} characters): choose a shorter one"
+            )
+        paths.directory.mkdir(parents=True)
+        return paths
+
+    def _image(self) -> GuestImage:
+        return ImageBuilder(self.config.cache).load()
+
+    # -- accelerator ---------------------------------------------------------------------
+
+    async def accelerator(self) -> tuple[Accel, str]:
+        """The accelerator this host uses and why; runs the KVM boot probe once if needed."""
+        if self._accel is not None:
+            return self._accel
+        facts = accel_mod.gather_facts()
+        decision = accel_mod.decide(facts, override=self.config.accel)
+        if decision.needs_probe:
+            cache = accel_mod.ProbeCache(self.config.cache / "accel.json")
+            binary = Path(shutil.which(self.config.binary) or self.config.binary)
+            key = cache.key(binary, self._image().digest)
+            booted = cache.get(key)
+            if booted is None:
+                log.info("probing whether a Linux guest boots under KVM (up to %.0fs)", self.config.probe_timeout_s)
+                booted = await self.probe_boot(Accel.KVM, self.config.probe_timeout_s)
+                cache.put(key, booted)
+            decision = accel_mod.decide(facts, override=self.config.accel, probe_booted=booted)
+        self._accel = (decision.accel, decision.reason)
+        return self._accel
+
+    async def probe_boot(self, accel: Accel, timeout_s: float) -> bool:
+        """Boot a throwaway guest under ``accel``; True if it sends a heartbeat in time."""
+        spec = VMSpec(name=f"probe-{accel.value}-{secrets.token_hex(2)}", memory_mib=128)
+        paths = self._new_instance(spec.name)
+        try:
+            pid = await self._spawn(spec, accel, paths, incoming=False)
+            try:
+                return await heartbeat.wait_for(paths.heartbeat, timeout_s) is not None
+            finally:
+                await process.terminate(pid, str(paths.directory))
+        except LaunchError:
+            return False
+        finally:
+            shutil.rmtree(self._vm_dir(spec.name), ignore_errors=True)
+
+    # -- processes -----------------------------------------------------------------------
+
+    async def _spawn(self, spec: VMSpec, accel: Accel, paths: InstancePaths, *, incoming: bool) -> int:
+        image = self._image()
+        argv = qemu_argv(self.config.binary, spec, accel, image.kernel, image.initrd, paths, incoming=incoming)
+        log.debug("starting %s", " ".join(argv))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except FileNotFoundError as e:
+            raise LaunchError(f"{self.config.binary} is not installed (run `make setup`)", vm=spec.name) from e
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise LaunchError(f"QEMU did not start: {err.decode().strip()}", vm=spec.name)
+        pid = process.read_pidfile(paths.pidfile)
+        if pid is None:
+            raise LaunchError(f"QEMU started but wrote no pidfile at {paths.pidfile}", vm=spec.name)
+        return pid
+
+    async def _kill_instance(self, name: str, instance: str, pid: int | None = None) -> None:
+        paths = self._paths(name, instance)
+        pid = pid or process.read_pidfile(paths.pidfile)
+        if pid is not None and process.is_ours(pid, str(paths.directory)):
+            try:
+                async with session(paths.qmp, vm=name, timeout_s=2.0) as qmp:
+                    await qmp.quit()
+            except QMPError:
+                pass
+            if not await process.wait_gone(pid, 3.0):
+                await process.terminate(pid, str(paths.directory))
+        shutil.rmtree(paths.directory, ignore_errors=True)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def launch(self, spec: VMSpec) -> VMInfo:
+        if spec.memory_mib < 64:
+            raise ConfigError(f"{spec.memory_mib} MiB is too little memory for the guest (64 at least)")
+        if spec.working_set_mib >= spec.memory_mib - 32:
+            raise ConfigError(
+                f"dirty working set {spec.working_set_mib} MiB does not fit a {spec.memory_mib} MiB guest"
+            )
+        async with self._locked(spec.name):
+            try:
+                current = self._record(spec.name)
+            except VMNotFound:
+                current = None
+            if current is not None:
+                if process.is_ours(int(current["pid"]), str(self._paths(spec.name, current["instance"]).directory)):
+                    raise VMExists(f"VM {spec.name!r} already runs (pid {current['pid']})", vm=spec.name)
+                self._forget(spec.name)
+            accel, _ = await self.accelerator()
+            image = self._image()
+            paths = self._new_instance(spec.name)
+            try:
+                pid = await self._spawn(spec, accel, paths, incoming=False)
+                hb = await self._await_boot(spec.name, pid, paths)
+                log.info("%s booted under %s: boot id %s", spec.name, accel.value, hb)
+            except BaseException:
+                await self._kill_instance(spec.name, paths.directory.name)
+                raise
+            self._write_record(spec, paths.directory.name, pid, accel, image.digest)
+            return VMInfo(spec=spec, pid=pid, accel=accel, state=VMState.RUNNING, instance=paths.directory.name)
+
+    async def _await_boot(self, name: str, pid: int, paths: InstancePaths) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.boot_timeout_s
+        while loop.time() < deadline:
+            hb = heartbeat.read_last(paths.heartbeat)
+            if hb is not None:
+                return hb.boot_id
+            if not process.alive(pid):
+                raise LaunchError(f"QEMU exited while the guest booted; see {paths.console}", vm=name)
+            await asyncio.sleep(0.1)
+        raise LaunchError(
+            f"guest sent no heartbeat within {self.config.boot_timeout_s:.0f}s; see {paths.console}", vm=name
+        )
+
+    def _forget(self, name: str) -> None:
+        vm_dir = self._vm_dir(name)
+        (vm_dir / "vm.json").unlink(missing_ok=True)
+        for child in vm_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+    async def stop(self, name: str) -> None:
+        record = self._record(name)
+        async with self._locked(name):
+            vm_dir = self._vm_dir(name)
+            for child in list(vm_dir.iterdir()):
+                if child.is_dir():
+                    pid = int(record["pid"]) if child.name == record["instance"] else None
+                    await self._kill_instance(name, child.name, pid)
+            (vm_dir / "vm.json").unlink(missing_ok=True)
+            self._outgoing.pop(name, None)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
+    async def list(self) -> list[VMInfo]:
+        if not self._vms.exists():
+            return []
+        out = []
+        for vm_dir in sorted(self._vms.iterdir()):
+            if (vm_dir / "vm.json").exists():
+                try:
+                    out.append(await self._info(vm_dir.name))
+                except VMNotFound:
+                    continue
+        return out
+
+    async def spec(self, name: str) -> VMSpec:
+        return VMSpec(**self._record(name)["spec"])
+
+    async def _info(self, name: str) -> VMInfo:
+        record = self._record(name)
+        spec = VMSpec(**record["spec"])
+        paths = self._paths(name, record["instance"])
+        pid = int(record["pid"])
+        state = VMState.STOPPED
+        if process.is_ours(pid, str(paths.directory)):
+            try:
+                async with session(paths.qmp_aux, vm=name, timeout_s=5.0) as qmp:
+                    reply = await qmp.execute("query-status")
+                state = _RUNSTATES.get(str(reply.get("status")), VMState.UNKNOWN)
+            except QMPError:
+                state = VMState.UNKNOWN
+        return VMInfo(spec=spec, pid=pid, accel=Accel(record["accel"]), state=state, instance=record["instance"])
+
+    async def status(self, name: str) -> VMStatus:
+        info = await self._info(name)
+        hb = heartbeat.read_last(self._paths(name, info.instance).heartbeat)
+        return VMStatus(info=info, heartbeat=hb)
+
+    # -- migration: destination side -----------------------------------------------------
+
+    async def prepare_incoming(
+        self, spec: VMSpec, params: MigrationParams, *, port: int | None = None
+    ) -> IncomingVM:
+        accel, _ = await self.accelerator()
+        tries = 1 if port is not None or params.transport is Transport.UNIX else 3
+        for attempt in range(tries):
+            paths = self._new_instance(spec.name)
+            if params.transport is Transport.UNIX:
+                uri = f"unix:{paths.migrate_socket}"
+            else:
+                uri = f"tcp:{self.config.listen_host}:{port or _free_port(self.config.listen_host)}"
+            try:
+                pid = await self._spawn(spec, accel, paths, incoming=True)
+                async with session(paths.qmp, vm=spec.name) as qmp:
+                    await _set_migration_options(qmp, params, tls_id=_TLS_IN, endpoint="server")
+                    try:
+                        await qmp.execute("migrate-incoming", uri=uri)
+                    except QMPCommandError as e:
+                        if "in use" in e.desc:
+                            raise PortInUse(
+                                f"cannot listen for the migration on {uri}: address already in use", vm=spec.name
+                            ) from e
+                        raise MigrationError(f"destination cannot listen on {uri}: {e.desc}", vm=spec.name) from e
+            except PortInUse:
+                await self._kill_instance(spec.name, paths.directory.name)
+                if attempt + 1 == tries:
+                    raise
+                continue
+            except BaseException:
+                await self._kill_instance(spec.name, paths.directory.name)
+                raise
+            return IncomingVM(spec=spec, uri=uri, pid=pid, instance=paths.directory.name, accel=accel)
+        raise AssertionError("unreachable")
+
+    async def finish_incoming(self, incoming: IncomingVM) -> VMInfo:
+        name = incoming.spec.name
+        paths = self._paths(name, incoming.instance)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        state = "unknown"
+        while loop.time() < deadline:
+            if not process.is_ours(incoming.pid, str(paths.directory)):
+                raise MigrationError(f"the destination QEMU of {name} exited after the migration", vm=name)
+            async with session(paths.qmp_aux, vm=name) as qmp:
+                state = str((await qmp.execute("query-status")).get("status"))
+            if state == "running":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise MigrationError(f"{name} did not start running on the destination (state {state})", vm=name)
+        async with self._locked(name):
+            self._write_record(incoming.spec, incoming.instance, incoming.pid, incoming.accel, self._image().digest)
+        return VMInfo(
+            spec=incoming.spec, pid=incoming.pid, accel=incoming.accel, state=VMState.RUNNING, instance=incoming.instance
+        )
+
+    async def abort_incoming(self, incoming: IncomingVM) -> None:
+        await self._kill_instance(incoming.spec.name, incoming.instance, incoming.pid)
+        vm_dir = self._vm_dir(incoming.spec.name)
+        if not (vm_dir / "vm.json").exists() and not any(p.is_dir() for p in vm_dir.iterdir()):
+            shutil.rmtree(vm_dir, ignore_errors=True)
+
+    # -- migration: source side ----------------------------------------------------------
+
+    def _source(self, name: str) -> tuple[InstancePaths, int]:
+        if name in self._outgoing:
+            instance, pid = self._outgoing[name]
+        else:
+            record = self._record(name)
+            instance, pid = record["instance"], int(record["pid"])
+        return self._paths(name, instance), pid
+
+    async def start_migration(self, name: str, uri: str, params: MigrationParams) -> None:
+        paths, pid = self._source(name)
+        if not process.is_ours(pid, str(paths.directory)):
+            raise VMStateError(f"VM {name!r} is not running (its QEMU process {pid} is gone)", vm=name)
+        async with session(paths.qmp, vm=name) as qmp:
+            status = str((await qmp.execute("query-status")).get("status"))
+            if status != "running":
+                raise VMStateError(f"VM {name!r} is {status}, not running: it cannot be migrated", vm=name)
+            current = await qmp.execute("query-migrate")
+            if current.get("status") in ("setup", "active", "cancelling", "pre-switchover", "device"):
+                raise VMStateError(f"VM {name!r} is already migrating", vm=name)
+            await _set_migration_options(qmp, params, tls_id=_TLS_OUT, endpoint="client")
+            try:
+                await qmp.execute("migrate", uri=uri)
+            except QMPCommandError as e:
+                raise classify_failure(e.desc, vm=name) from e
+        self._outgoing[name] = (paths.directory.name, pid)
+
+    async def migration_progress(self, name: str) -> MigrationProgress:
+        paths, _ = self._source(name)
+        async with session(paths.qmp_aux, vm=name) as qmp:
+            return progress_from_query(await qmp.execute("query-migrate"))
+
+    async def cancel_migration(self, name: str) -> None:
+        paths, _ = self._source(name)
+        async with session(paths.qmp_aux, vm=name) as qmp:
+            await qmp.execute("migrate_cancel")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10.0
+            while loop.time() < deadline:
+                status = (await qmp.execute("query-migrate")).get("status")
+                if status in ("cancelled", "failed", "completed", "none"):
+                    break
+                await asyncio.sleep(0.02)
+
+    async def resume_source(self, name: str) -> None:
+        paths, pid = self._source(name)
+        self._outgoing.pop(name, None)
+        if not process.is_ours(pid, str(paths.directory)):
+            raise VMStateError(f"the source QEMU of {name!r} is gone; the VM must be restarted", vm=name)
+        async with session(paths.qmp, vm=name) as qmp:
+            status = str((await qmp.execute("query-status")).get("status"))
+            if status in ("paused", "postmigrate", "finish-migrate"):
+                log.warning("%s was left %s on its source; resuming it", name, status)
+                await qmp.execute("cont")
+
+    async def finish_outgoing(self, name: str, incoming: IncomingVM, params: MigrationParams) -> MigrationStats:
+        paths, pid = self._source(name)
+        async with session(paths.qmp_aux, vm=name) as qmp:
+            final = await qmp.execute("query-migrate")
+        if final.get("status") != "completed":
+            raise VMStateError(f"the migration of {name!r} has not completed", vm=name)
+        ram = final.get("ram", {})
+        stats = MigrationStats(
+            vm=name,
+            total_ms=int(final.get("total-time", 0)),
+            downtime_ms=int(final.get("downtime", 0)),
+            setup_ms=int(final.get("setup-time", 0)),
+            transferred_bytes=int(ram.get("transferred", 0)),
+            iterations=int(ram.get("dirty-sync-count", 0)),
+            throughput_mbps=float(ram.get("mbps", 0.0)),
+            source_pid=pid,
+            target_pid=incoming.pid,
+            transport=params.transport,
+            tls=params.tls is not None,
+            uri=incoming.uri,
+        )
+        self._outgoing.pop(name, None)
+        await self._kill_instance(name, paths.directory.name, pid)
+        async with self._locked(name):
+            record_path = self._vm_dir(name) / "vm.json"
+            try:
+                points_here = self._record(name)["instance"] == paths.directory.name
+            except VMNotFound:
+                points_here = False
+            if points_here:  # the guest now lives on another host: forget it here
+                record_path.unlink(missing_ok=True)
+        return stats
+
+
+async def _set_migration_options(qmp: Session, params: MigrationParams, *, tls_id: str, endpoint: str) -> None:
+    """Apply capabilities and parameters, including the TLS credentials object, to one side."""
+    await qmp.execute(
+        "migrate-set-capabilities",
+        capabilities=[
+            {"capability": "events", "state": True},
+            {"capability": "auto-converge", "state": params.auto_converge},
+        ],
+    )
+    bandwidth = _UNLIMITED_BANDWIDTH if params.bandwidth_mibps is None else int(params.bandwidth_mibps * (1 << 20))
+    options: dict[str, Any] = {"max-bandwidth": bandwidth, "downtime-limit": params.downtime_limit_ms}
+    if params.tls is not None:
+        try:
+            await qmp.execute("object-del", id=tls_id)
+        except QMPCommandError:
+            pass  # not there yet
+        try:
+            await qmp.execute(
+                "object-add",
+                **{"qom-type": "tls-creds-x509", "id": tls_id, "dir": params.tls.directory,
+                   "endpoint": endpoint, "verify-peer": True},
+            )
+        except QMPCommandError as e:
+            raise TLSError(f"QEMU cannot load TLS credentials from {params.tls.directory}: {e.desc}") from e
+        options.update({"tls-creds": tls_id, "tls-hostname": params.tls.hostname})
+    else:
+        options.update({"tls-creds": "", "tls-hostname": ""})
+    await qmp.execute("migrate-set-parameters", **options)
+
+
+def _free_port(host: str) -> int:
+    """A port the kernel just had free on ``host``; the destination binds it moments later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"listen address {host} does not exist on this host") from e
+            raise
+        return int(s.getsockname()[1])

@@ -1,0 +1,179 @@
+"""Plain data shared by every part of SMIG: VMs, their state, and live migrations.
+
+Frozen dataclasses and enums only; no I/O and nothing from the rest of SMIG.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def valid_vm_name(name: str) -> bool:
+    """Names are path and socket components, so they are kept short and plain."""
+    return bool(_NAME.match(name))
+
+
+class Accel(StrEnum):
+    """How QEMU runs guest code: hardware virtualisation or the TCG binary translator."""
+
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class VMState(StrEnum):
+    """A VM as its hypervisor reports it."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    INCOMING = "incoming"  # a destination process waiting for, or receiving, a migration
+    MIGRATED = "migrated"  # a source whose guest now runs elsewhere (QEMU's postmigrate)
+    STOPPED = "stopped"  # no hypervisor process
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """What a VM is: everything a host needs to run it, or to receive it by migration."""
+
+    name: str
+    memory_mib: int
+    vcpus: int = 1
+    dirty_mbps: int = 0
+    working_set_mib: int = 64
+    heartbeat_ms: int = 100
+    cpu_model: str = "qemu64"
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    """A VM on a host: its spec and the hypervisor process that runs it now."""
+
+    spec: VMSpec
+    pid: int
+    accel: Accel
+    state: VMState
+    instance: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The last heartbeat line a guest wrote: who it is (boot id) and how far it has counted."""
+
+    boot_id: str
+    counter: int
+    guest_uptime_ms: int
+
+
+@dataclass(frozen=True)
+class VMStatus:
+    """A VM's info plus what the guest itself last said."""
+
+    info: VMInfo
+    heartbeat: Heartbeat | None
+
+
+class Transport(StrEnum):
+    """How migration bytes travel from source to destination."""
+
+    TCP = "tcp"
+    UNIX = "unix"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """x509 credentials for migration: a directory in QEMU's layout and the name to verify.
+
+    The directory holds ``ca-cert.pem``, ``server-cert.pem``/``server-key.pem`` (used when
+    receiving) and ``client-cert.pem``/``client-key.pem`` (used when sending).
+    ``hostname`` is the name the sender expects in the receiver's certificate.
+    """
+
+    directory: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    """How a live migration is run.
+
+    ``bandwidth_mibps`` of ``None`` means no cap: QEMU 7.2's default cap (128 MiB/s) doubles
+    the time of a small guest and lets a fast-dirtying guest never converge.
+    """
+
+    transport: Transport = Transport.TCP
+    bandwidth_mibps: float | None = None
+    downtime_limit_ms: int = 300
+    tls: TLSConfig | None = None
+    auto_converge: bool = False
+    timeout_s: float | None = None
+    poll_interval_s: float = 0.02
+
+
+@dataclass(frozen=True)
+class IncomingVM:
+    """A destination process waiting for a VM's migration."""
+
+    spec: VMSpec
+    uri: str
+    pid: int
+    instance: str
+    accel: Accel
+
+
+class MigrationStatus(StrEnum):
+    """QEMU's migration states that SMIG acts on; others map to ACTIVE."""
+
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """A snapshot of a running migration, as the source reports it."""
+
+    status: MigrationStatus
+    elapsed_ms: int
+    transferred_bytes: int
+    remaining_bytes: int
+    total_bytes: int
+    dirty_pages_rate: int
+    page_size: int
+    expected_downtime_ms: int | None
+    iterations: int
+    throughput_mbps: float
+    error: str | None = None
+
+    @property
+    def dirty_rate_bytes(self) -> int:
+        return self.dirty_pages_rate * self.page_size
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """The outcome of a completed live migration."""
+
+    vm: str
+    total_ms: int
+    downtime_ms: int
+    setup_ms: int
+    transferred_bytes: int
+    iterations: int
+    throughput_mbps: float
+    source_pid: int
+    target_pid: int
+    transport: Transport
+    tls: bool
+    uri: str

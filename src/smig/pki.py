@@ -1,0 +1,167 @@
+"""Certificates for SMIG, generated on the machine that uses them (never committed).
+
+A CA signs certificates that serve both as TLS server and client identities. For QEMU's
+migration TLS, :func:`write_qemu_tls_dir` lays the files out the way QEMU's ``tls-creds-x509``
+object reads them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from smig.errors import ConfigError
+from smig.model import TLSConfig
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A private key and the certificate that binds it to a name."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SMIG"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def generate_ca(common_name: str, *, days: int = 3650, now: dt.datetime | None = None) -> KeyPair:
+    """A new self-signed CA."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(common_name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return KeyPair(key, cert)
+
+
+def issue(
+    ca: KeyPair,
+    common_name: str,
+    *,
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = (),
+    days: int = 825,
+    now: dt.datetime | None = None,
+) -> KeyPair:
+    """A certificate signed by ``ca``, valid as both TLS server and TLS client."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names or (common_name,)]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_encipherment=True, key_cert_sign=False, crl_sign=False,
+                content_commitment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return KeyPair(key, cert)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def write_qemu_tls_dir(directory: Path, ca: KeyPair, identity: KeyPair) -> None:
+    """Write ``identity`` as both QEMU's server and client credentials, trusting ``ca``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    _write(directory / "ca-cert.pem", ca.cert_pem(), 0o644)
+    for role in ("server", "client"):
+        _write(directory / f"{role}-cert.pem", identity.cert_pem(), 0o644)
+        _write(directory / f"{role}-key.pem", identity.key_pem(), 0o600)
+
+
+LOCAL_TLS_NAME = "smig-local"
+
+
+def ensure_local_migration_tls(home: Path) -> TLSConfig:
+    """TLS credentials for migrations on this machine, generated on first use.
+
+    A fresh CA and one identity named ``smig-local`` (also valid for 127.0.0.1), stored under
+    ``$SMIG_HOME/pki/migration``. The CA key is not kept: nothing else is ever signed by it.
+    """
+    directory = home / "pki" / "migration"
+    if not (directory / "server-key.pem").exists():
+        ca = generate_ca("SMIG local migration CA")
+        ident = issue(ca, LOCAL_TLS_NAME, dns_names=(LOCAL_TLS_NAME, "localhost"), ip_addresses=("127.0.0.1",))
+        write_qemu_tls_dir(directory, ca, ident)
+    return tls_config_for(directory, LOCAL_TLS_NAME)
+
+
+def tls_config_for(directory: Path, hostname: str) -> TLSConfig:
+    """A :class:`TLSConfig` for a QEMU credentials directory, checked for completeness.
+
+    Raises:
+        ConfigError: a file QEMU needs is missing.
+    """
+    for f in ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"):
+        if not (directory / f).exists():
+            raise ConfigError(f"TLS directory {directory} lacks {f}")
+    return TLSConfig(directory=str(directory), hostname=hostname)
