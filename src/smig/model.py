@@ -105,13 +105,15 @@ class MigrationParams:
     """How a live migration is run.
 
     ``bandwidth_mibps`` of ``None`` means no cap: QEMU 7.2's default cap (128 MiB/s) doubles
-    the time of a small guest and lets a fast-dirtying guest never converge.
+    the time of a small guest and lets a fast-dirtying guest never converge. With ``tls`` each
+    side uses its own host's credentials (:class:`TLSConfig`), and the source checks the
+    destination's certificate against the name the destination announces.
     """
 
     transport: Transport = Transport.TCP
     bandwidth_mibps: float | None = None
     downtime_limit_ms: int = 300
-    tls: TLSConfig | None = None
+    tls: bool = False
     auto_converge: bool = False
     timeout_s: float | None = None
     poll_interval_s: float = 0.02
@@ -126,6 +128,7 @@ class IncomingVM:
     pid: int
     instance: str
     accel: Accel
+    tls_hostname: str | None = None
 
 
 class MigrationStatus(StrEnum):

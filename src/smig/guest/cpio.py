@@ -32,8 +32,19 @@ class CpioWriter:
     def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
         encoded = name.encode() + b"\0"
         fields = [
-            self._ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data),
-            0, 0, rdev[0], rdev[1], len(encoded), 0,
+            self._ino,
+            mode,
+            0,
+            0,
+            2 if stat.S_ISDIR(mode) else 1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,
         ]
         self._ino += 1
         self._write(b"070701" + b"".join(b"%08X" % f for f in fields))

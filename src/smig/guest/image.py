@@ -113,10 +113,7 @@ class ImageBuilder:
         """
         manifest = self.image_dir / "manifest.json"
         if not manifest.exists():
-            raise ImageError(
-                f"no guest image in {self.image_dir}; build it with `smig image build` "
-                "(or `make setup`)"
-            )
+            raise ImageError(f"no guest image in {self.image_dir}; build it with `smig image build` (or `make setup`)")
         data = json.loads(manifest.read_text())
         return GuestImage(
             kernel=self.image_dir / "vmlinuz",

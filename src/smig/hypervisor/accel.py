@@ -82,9 +82,7 @@ def gather_facts(dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/mod
     else:
         os.close(fd)
         usable = True
-    modules = frozenset(
-        p.name for p in sys_module.glob("kvm*") if p.name in HARDWARE_KVM_MODULES | BROKEN_KVM_MODULES
-    )
+    modules = frozenset(p.name for p in sys_module.glob("kvm*") if p.name in HARDWARE_KVM_MODULES | BROKEN_KVM_MODULES)
     return HostFacts(kvm_device_usable=usable, kvm_modules=modules)
 
 

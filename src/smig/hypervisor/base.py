@@ -75,9 +75,7 @@ class HypervisorDriver(Protocol):
 
     # -- destination side ---------------------------------------------------------------
 
-    async def prepare_incoming(
-        self, spec: VMSpec, params: MigrationParams, *, port: int | None = None
-    ) -> IncomingVM:
+    async def prepare_incoming(self, spec: VMSpec, params: MigrationParams, *, port: int | None = None) -> IncomingVM:
         """Start a process that waits for ``spec``'s migration.
 
         Raises: PortInUse, TLSError, LaunchError."""
@@ -93,8 +91,10 @@ class HypervisorDriver(Protocol):
 
     # -- source side ---------------------------------------------------------------------
 
-    async def start_migration(self, name: str, uri: str, params: MigrationParams) -> None:
-        """Begin sending VM ``name`` to ``uri``. Raises: VMNotFound, VMStateError, MigrationError."""
+    async def start_migration(self, name: str, destination: IncomingVM, params: MigrationParams) -> None:
+        """Begin sending VM ``name`` to a prepared destination.
+
+        Raises: VMNotFound, VMStateError, TLSError, MigrationError."""
         ...
 
     async def migration_progress(self, name: str) -> MigrationProgress:
@@ -109,9 +109,7 @@ class HypervisorDriver(Protocol):
         """Make sure ``name`` runs here again after a migration that did not end well."""
         ...
 
-    async def finish_outgoing(
-        self, name: str, incoming: IncomingVM, params: MigrationParams
-    ) -> MigrationStats:
+    async def finish_outgoing(self, name: str, incoming: IncomingVM, params: MigrationParams) -> MigrationStats:
         """After a completed migration: read the final stats, stop the source process."""
         ...
 

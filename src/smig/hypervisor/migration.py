@@ -28,7 +28,7 @@ def check_capabilities(source: HypervisorDriver, target: HypervisorDriver, param
         MigrationError: a capability is missing.
     """
     need = {Capability.LIVE_MIGRATION}
-    if params.tls is not None:
+    if params.tls:
         need.add(Capability.TLS_MIGRATION)
     if params.bandwidth_mibps is not None:
         need.add(Capability.BANDWIDTH_LIMIT)
@@ -38,9 +38,7 @@ def check_capabilities(source: HypervisorDriver, target: HypervisorDriver, param
     for side, driver in (("source", source), ("destination", target)):
         missing = need - driver.capabilities
         if missing:
-            raise classify_failure(
-                f"the {side} driver cannot do {', '.join(sorted(m.value for m in missing))}"
-            )
+            raise classify_failure(f"the {side} driver cannot do {', '.join(sorted(m.value for m in missing))}")
 
 
 async def live_migrate(
@@ -67,7 +65,7 @@ async def live_migrate(
     incoming = await target.prepare_incoming(spec, params, port=port)
     loop = asyncio.get_running_loop()
     try:
-        await source.start_migration(name, incoming.uri, params)
+        await source.start_migration(name, incoming, params)
         deadline = None if params.timeout_s is None else loop.time() + params.timeout_s
         while True:
             progress = await source.migration_progress(name)
@@ -98,8 +96,12 @@ async def live_migrate(
 async def _roll_back(source: HypervisorDriver, target: HypervisorDriver, name: str, incoming: IncomingVM) -> None:
     try:
         progress = await source.migration_progress(name)
-        if progress.status not in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED,
-                                   MigrationStatus.NONE):
+        if progress.status not in (
+            MigrationStatus.COMPLETED,
+            MigrationStatus.FAILED,
+            MigrationStatus.CANCELLED,
+            MigrationStatus.NONE,
+        ):
             await source.cancel_migration(name)
     except SmigError as e:
         log.warning("could not cancel the migration of %s: %s", name, e)

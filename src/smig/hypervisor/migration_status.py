@@ -11,8 +11,15 @@ from smig.errors import DestinationUnreachable, MigrationError, TLSError
 from smig.model import MigrationProgress, MigrationStatus
 
 _KNOWN = {s.value: s for s in MigrationStatus}
-_UNREACHABLE = ("connection refused", "no such file or directory", "no route to host", "network is unreachable",
-                "failed to connect", "connection reset", "broken pipe")
+_UNREACHABLE = (
+    "connection refused",
+    "no such file or directory",
+    "no route to host",
+    "network is unreachable",
+    "failed to connect",
+    "connection reset",
+    "broken pipe",
+)
 _TLS = ("tls", "certificate", "handshake", "x509", "gnutls")
 
 

@@ -24,7 +24,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from smig.model import (
     MigrationParams,
     MigrationProgress,
     MigrationStats,
-    MigrationStatus,
+    TLSConfig,
     Transport,
     VMInfo,
     VMSpec,
@@ -88,6 +88,7 @@ class QemuConfig:
     binary: str = "qemu-system-x86_64"
     accel: Accel | None = None  # None: decide from host facts and a boot probe
     listen_host: str = "127.0.0.1"
+    tls: TLSConfig | None = None  # this host's migration credentials
     boot_timeout_s: float = 90.0
     probe_timeout_s: float = 30.0
 
@@ -342,9 +343,8 @@ class QemuDriver:
 
     # -- migration: destination side -----------------------------------------------------
 
-    async def prepare_incoming(
-        self, spec: VMSpec, params: MigrationParams, *, port: int | None = None
-    ) -> IncomingVM:
+    async def prepare_incoming(self, spec: VMSpec, params: MigrationParams, *, port: int | None = None) -> IncomingVM:
+        tls = self._tls(params, spec.name)
         accel, _ = await self.accelerator()
         tries = 1 if port is not None or params.transport is Transport.UNIX else 3
         for attempt in range(tries):
@@ -356,7 +356,7 @@ class QemuDriver:
             try:
                 pid = await self._spawn(spec, accel, paths, incoming=True)
                 async with session(paths.qmp, vm=spec.name) as qmp:
-                    await _set_migration_options(qmp, params, tls_id=_TLS_IN, endpoint="server")
+                    await _set_migration_options(qmp, params, tls, tls_id=_TLS_IN, endpoint="server")
                     try:
                         await qmp.execute("migrate-incoming", uri=uri)
                     except QMPCommandError as e:
@@ -373,7 +373,14 @@ class QemuDriver:
             except BaseException:
                 await self._kill_instance(spec.name, paths.directory.name)
                 raise
-            return IncomingVM(spec=spec, uri=uri, pid=pid, instance=paths.directory.name, accel=accel)
+            return IncomingVM(
+                spec=spec,
+                uri=uri,
+                pid=pid,
+                instance=paths.directory.name,
+                accel=accel,
+                tls_hostname=tls.hostname if tls else None,
+            )
         raise AssertionError("unreachable")
 
     async def finish_incoming(self, incoming: IncomingVM) -> VMInfo:
@@ -395,7 +402,11 @@ class QemuDriver:
         async with self._locked(name):
             self._write_record(incoming.spec, incoming.instance, incoming.pid, incoming.accel, self._image().digest)
         return VMInfo(
-            spec=incoming.spec, pid=incoming.pid, accel=incoming.accel, state=VMState.RUNNING, instance=incoming.instance
+            spec=incoming.spec,
+            pid=incoming.pid,
+            accel=incoming.accel,
+            state=VMState.RUNNING,
+            instance=incoming.instance,
         )
 
     async def abort_incoming(self, incoming: IncomingVM) -> None:
@@ -414,7 +425,20 @@ class QemuDriver:
             instance, pid = record["instance"], int(record["pid"])
         return self._paths(name, instance), pid
 
-    async def start_migration(self, name: str, uri: str, params: MigrationParams) -> None:
+    def _tls(self, params: MigrationParams, name: str) -> TLSConfig | None:
+        if not params.tls:
+            return None
+        if self.config.tls is None:
+            raise TLSError("TLS migration asked for, but this host has no TLS credentials configured", vm=name)
+        return self.config.tls
+
+    async def start_migration(self, name: str, destination: IncomingVM, params: MigrationParams) -> None:
+        tls = self._tls(params, name)
+        if tls is not None and not destination.tls_hostname:
+            raise TLSError(f"the destination of {name} announced no TLS identity; it must listen with TLS", vm=name)
+        if tls is not None:
+            tls = TLSConfig(directory=tls.directory, hostname=destination.tls_hostname or "")
+        uri = destination.uri
         paths, pid = self._source(name)
         if not process.is_ours(pid, str(paths.directory)):
             raise VMStateError(f"VM {name!r} is not running (its QEMU process {pid} is gone)", vm=name)
@@ -425,7 +449,7 @@ class QemuDriver:
             current = await qmp.execute("query-migrate")
             if current.get("status") in ("setup", "active", "cancelling", "pre-switchover", "device"):
                 raise VMStateError(f"VM {name!r} is already migrating", vm=name)
-            await _set_migration_options(qmp, params, tls_id=_TLS_OUT, endpoint="client")
+            await _set_migration_options(qmp, params, tls, tls_id=_TLS_OUT, endpoint="client")
             try:
                 await qmp.execute("migrate", uri=uri)
             except QMPCommandError as e:
@@ -478,7 +502,7 @@ class QemuDriver:
             source_pid=pid,
             target_pid=incoming.pid,
             transport=params.transport,
-            tls=params.tls is not None,
+            tls=params.tls,
             uri=incoming.uri,
         )
         self._outgoing.pop(name, None)
@@ -494,7 +518,9 @@ class QemuDriver:
         return stats
 
 
-async def _set_migration_options(qmp: Session, params: MigrationParams, *, tls_id: str, endpoint: str) -> None:
+async def _set_migration_options(
+    qmp: Session, params: MigrationParams, tls: TLSConfig | None, *, tls_id: str, endpoint: str
+) -> None:
     """Apply capabilities and parameters, including the TLS credentials object, to one side."""
     await qmp.execute(
         "migrate-set-capabilities",
@@ -505,20 +531,23 @@ async def _set_migration_options(qmp: Session, params: MigrationParams, *, tls_i
     )
     bandwidth = _UNLIMITED_BANDWIDTH if params.bandwidth_mibps is None else int(params.bandwidth_mibps * (1 << 20))
     options: dict[str, Any] = {"max-bandwidth": bandwidth, "downtime-limit": params.downtime_limit_ms}
-    if params.tls is not None:
-        try:
+    if tls is not None:
+        with suppress(QMPCommandError):  # not there on a first migration
             await qmp.execute("object-del", id=tls_id)
-        except QMPCommandError:
-            pass  # not there yet
         try:
             await qmp.execute(
                 "object-add",
-                **{"qom-type": "tls-creds-x509", "id": tls_id, "dir": params.tls.directory,
-                   "endpoint": endpoint, "verify-peer": True},
+                **{
+                    "qom-type": "tls-creds-x509",
+                    "id": tls_id,
+                    "dir": tls.directory,
+                    "endpoint": endpoint,
+                    "verify-peer": True,
+                },
             )
         except QMPCommandError as e:
-            raise TLSError(f"QEMU cannot load TLS credentials from {params.tls.directory}: {e.desc}") from e
-        options.update({"tls-creds": tls_id, "tls-hostname": params.tls.hostname})
+            raise TLSError(f"QEMU cannot load TLS credentials from {tls.directory}: {e.desc}") from e
+        options.update({"tls-creds": tls_id, "tls-hostname": tls.hostname})
     else:
         options.update({"tls-creds": "", "tls-hostname": ""})
     await qmp.execute("migrate-set-parameters", **options)

@@ -1,0 +1,42 @@
+"""``smig``: the entry point and its command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from smig import __version__
+from smig.cli import accel as accel_cmd
+from smig.cli import image, vm
+from smig.cli.common import setup_logging
+
+app = typer.Typer(
+    help=(
+        "SMIG moves VMs live off a hypervisor that stopped being trustworthy onto trusted ones.\n\n"
+        "State lives under $SMIG_HOME (default ~/.smig); the guest image and the accelerator "
+        "verdict are cached under $SMIG_CACHE (default ~/.cache/smig)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(vm.app, name="vm")
+app.add_typer(image.app, name="image")
+app.command("accel")(accel_cmd.accel)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"smig {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what SMIG does to stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    setup_logging(verbose)
+
+
+def main() -> None:
+    app()

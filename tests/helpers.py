@@ -1,0 +1,43 @@
+"""Shared helpers for tests that run real QEMU guests."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from smig.hypervisor import heartbeat
+from smig.hypervisor.qemu import QemuDriver
+from smig.model import Heartbeat
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """PIDs of QEMU processes whose command line contains ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and marker.encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+async def rising_heartbeat(driver: QemuDriver, name: str, *, after: int = -1, timeout_s: float = 10.0) -> Heartbeat:
+    """Wait for a heartbeat from ``name`` counting past ``after``, and for one more after it.
+
+    Returns the later of the two, proving the guest is running (not just that a line exists).
+    """
+    status = await driver.status(name)
+    path = driver._paths(name, status.info.instance).heartbeat
+    first = await heartbeat.wait_for(path, timeout_s, after=after)
+    assert first is not None, f"{name} sent no heartbeat past {after} within {timeout_s}s"
+    second = await heartbeat.wait_for(path, timeout_s, after=first.counter)
+    assert second is not None, f"{name}'s heartbeat stopped at {first.counter}"
+    return second
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
