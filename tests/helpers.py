@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from smig.hypervisor import heartbeat
 from smig.hypervisor.qemu import QemuDriver
 from smig.model import Heartbeat
 
@@ -30,14 +28,8 @@ async def rising_heartbeat(driver: QemuDriver, name: str, *, after: int = -1, ti
 
     Returns the later of the two, proving the guest is running (not just that a line exists).
     """
-    status = await driver.status(name)
-    path = driver._paths(name, status.info.instance).heartbeat
-    first = await heartbeat.wait_for(path, timeout_s, after=after)
+    first = await driver.wait_heartbeat(name, timeout_s, after=after)
     assert first is not None, f"{name} sent no heartbeat past {after} within {timeout_s}s"
-    second = await heartbeat.wait_for(path, timeout_s, after=first.counter)
+    second = await driver.wait_heartbeat(name, timeout_s, after=first.counter)
     assert second is not None, f"{name}'s heartbeat stopped at {first.counter}"
     return second
-
-
-def run(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]

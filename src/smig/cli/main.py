@@ -6,7 +6,7 @@ import typer
 
 from smig import __version__
 from smig.cli import accel as accel_cmd
-from smig.cli import image, vm
+from smig.cli import demo, image, vm
 from smig.cli.common import setup_logging
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.command("accel")(accel_cmd.accel)
+app.command("demo")(demo.demo)
 
 
 def _version(value: bool) -> None:

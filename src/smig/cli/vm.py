@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,7 @@ def launch(
     async def body() -> None:
         d = driver(parse_override(accel))
         chosen, reason = await d.accelerator()
-        if not as_json:
-            err.print(f"[dim]accelerator:[/dim] {chosen.value} ({reason})")
-        with err.status(f"booting {name} under {chosen.value}…", spinner="dots") if not as_json else _null():
+        with err.status(f"booting {name} under {chosen.value}…", spinner="dots") if not as_json else nullcontext():
             info = await d.launch(
                 VMSpec(name=name, memory_mib=memory, dirty_mbps=dirty_mbps, working_set_mib=working_set, vcpus=vcpus)
             )
@@ -88,17 +87,10 @@ def launch(
             emit_json(data)
         else:
             boot = status.heartbeat.boot_id if status.heartbeat else "?"
-            out.print(f"{info.name} running: pid {info.pid}, {info.accel.value}, {memory} MiB, boot id {boot}")
+            out.print(f"{info.name} running: pid {info.pid}, {memory} MiB, boot id {boot}")
+            out.print(f"accelerator: {info.accel.value} ({reason})")
 
     run(body)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @app.command("list")

@@ -46,9 +46,10 @@ from smig.hypervisor import heartbeat, process
 from smig.hypervisor.base import Capability
 from smig.hypervisor.migration_status import classify_failure, progress_from_query
 from smig.hypervisor.qemu_argv import InstancePaths, qemu_argv
-from smig.hypervisor.qmp import QMPCommandError, Session, session
+from smig.hypervisor.qmp import QMPCommandError, Session, connect, session
 from smig.model import (
     Accel,
+    Heartbeat,
     IncomingVM,
     MigrationParams,
     MigrationProgress,
@@ -114,6 +115,9 @@ class QemuDriver:
         self._accel: tuple[Accel, str] | None = None
         # Outgoing migrations this driver started: name -> (instance, pid) of the source.
         self._outgoing: dict[str, tuple[str, int]] = {}
+        # One query session per outgoing migration, kept open while it is followed: QEMU
+        # mishandles a monitor socket reconnected every few milliseconds.
+        self._followers: dict[str, tuple[asyncio.AbstractEventLoop, Session]] = {}
 
     # -- files -------------------------------------------------------------------------
 
@@ -303,6 +307,7 @@ class QemuDriver:
                     pid = int(record["pid"]) if child.name == record["instance"] else None
                     await self._kill_instance(name, child.name, pid)
             (vm_dir / "vm.json").unlink(missing_ok=True)
+            await self._drop_follower(name)
             self._outgoing.pop(name, None)
         shutil.rmtree(vm_dir, ignore_errors=True)
 
@@ -340,6 +345,21 @@ class QemuDriver:
         info = await self._info(name)
         hb = heartbeat.read_last(self._paths(name, info.instance).heartbeat)
         return VMStatus(info=info, heartbeat=hb)
+
+    async def wait_heartbeat(self, name: str, timeout_s: float, *, after: int = -1) -> Heartbeat | None:
+        """Wait for the guest's next heartbeat with a counter above ``after``; None on timeout.
+
+        Follows the VM across a migration: the record is re-read each time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            hb = heartbeat.read_last(self._paths(name, self._record(name)["instance"]).heartbeat)
+            if hb is not None and hb.counter > after:
+                return hb
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     # -- migration: destination side -----------------------------------------------------
 
@@ -456,25 +476,43 @@ class QemuDriver:
                 raise classify_failure(e.desc, vm=name) from e
         self._outgoing[name] = (paths.directory.name, pid)
 
-    async def migration_progress(self, name: str) -> MigrationProgress:
+    async def _follower(self, name: str) -> Session:
+        loop = asyncio.get_running_loop()
+        held = self._followers.get(name)
+        if held is not None and held[0] is loop and held[1].connected:
+            return held[1]
         paths, _ = self._source(name)
-        async with session(paths.qmp_aux, vm=name) as qmp:
-            return progress_from_query(await qmp.execute("query-migrate"))
+        qmp = await connect(paths.qmp_aux, vm=name)
+        self._followers[name] = (loop, qmp)
+        return qmp
+
+    async def _drop_follower(self, name: str) -> None:
+        held = self._followers.pop(name, None)
+        if held is not None and held[0] is asyncio.get_running_loop():
+            await held[1].close()
+
+    async def migration_progress(self, name: str) -> MigrationProgress:
+        try:
+            reply = await (await self._follower(name)).execute("query-migrate")
+        except QMPError:
+            await self._drop_follower(name)  # one retry over a fresh connection
+            reply = await (await self._follower(name)).execute("query-migrate")
+        return progress_from_query(reply)
 
     async def cancel_migration(self, name: str) -> None:
-        paths, _ = self._source(name)
-        async with session(paths.qmp_aux, vm=name) as qmp:
-            await qmp.execute("migrate_cancel")
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10.0
-            while loop.time() < deadline:
-                status = (await qmp.execute("query-migrate")).get("status")
-                if status in ("cancelled", "failed", "completed", "none"):
-                    break
-                await asyncio.sleep(0.02)
+        qmp = await self._follower(name)
+        await qmp.execute("migrate_cancel")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while loop.time() < deadline:
+            status = (await qmp.execute("query-migrate")).get("status")
+            if status in ("cancelled", "failed", "completed", "none"):
+                break
+            await asyncio.sleep(0.02)
 
     async def resume_source(self, name: str) -> None:
         paths, pid = self._source(name)
+        await self._drop_follower(name)
         self._outgoing.pop(name, None)
         if not process.is_ours(pid, str(paths.directory)):
             raise VMStateError(f"the source QEMU of {name!r} is gone; the VM must be restarted", vm=name)
@@ -486,8 +524,8 @@ class QemuDriver:
 
     async def finish_outgoing(self, name: str, incoming: IncomingVM, params: MigrationParams) -> MigrationStats:
         paths, pid = self._source(name)
-        async with session(paths.qmp_aux, vm=name) as qmp:
-            final = await qmp.execute("query-migrate")
+        final = await (await self._follower(name)).execute("query-migrate")
+        await self._drop_follower(name)
         if final.get("status") != "completed":
             raise VMStateError(f"the migration of {name!r} has not completed", vm=name)
         ram = final.get("ram", {})

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as LibQMPError
 
 from smig.errors import QMPError
@@ -55,15 +55,22 @@ class Session:
         except (LibQMPError, OSError, EOFError) as e:
             raise QMPError(f"QMP {command} failed: {e}", vm=self._vm) from e
 
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate is Runstate.RUNNING
+
+    async def close(self) -> None:
+        with suppress(LibQMPError, OSError, EOFError):
+            await self._client.disconnect()
+
     async def quit(self) -> None:
         """Ask QEMU to exit; the connection closing under us is the expected answer."""
         with suppress(LibQMPError, OSError, EOFError):
             await self._client.execute("quit")
 
 
-@asynccontextmanager
-async def session(socket: Path, *, vm: str | None = None, timeout_s: float = 10.0) -> AsyncIterator[Session]:
-    """Connect to the monitor at ``socket`` for the duration of the block.
+async def connect(socket: Path, *, vm: str | None = None, timeout_s: float = 10.0) -> Session:
+    """A session with the monitor at ``socket``; the caller closes it.
 
     Raises:
         QMPError: cannot connect within ``timeout_s``.
@@ -75,8 +82,18 @@ async def session(socket: Path, *, vm: str | None = None, timeout_s: float = 10.
         with suppress(Exception):
             await client.disconnect()
         raise QMPError(f"cannot reach QEMU's monitor at {socket}: {e}", vm=vm) from e
+    return Session(client, vm)
+
+
+@asynccontextmanager
+async def session(socket: Path, *, vm: str | None = None, timeout_s: float = 10.0) -> AsyncIterator[Session]:
+    """Connect to the monitor at ``socket`` for the duration of the block.
+
+    Raises:
+        QMPError: cannot connect within ``timeout_s``.
+    """
+    s = await connect(socket, vm=vm, timeout_s=timeout_s)
     try:
-        yield Session(client, vm)
+        yield s
     finally:
-        with suppress(LibQMPError, OSError, EOFError):
-            await client.disconnect()
+        await s.close()
