@@ -149,7 +149,12 @@ def migrate(
     ),
     transport: Transport = typer.Option(Transport.TCP, "--transport", help="tcp (loopback) or unix socket."),
     port: int = typer.Option(0, "--port", help="TCP port the destination listens on (0: pick a free one)."),
-    bandwidth: float = typer.Option(0, "--bandwidth", help="Cap in MiB/s (0: no cap; QEMU's own is 128 MiB/s)."),
+    bandwidth: str = typer.Option(
+        "auto",
+        "--bandwidth",
+        help="Cap in MiB/s, 'unlimited', or 'auto': none under KVM, 128 MiB/s under TCG (faster TCG "
+        "migrations corrupted busy guests here; see docs/BENCHMARKS.md).",
+    ),
     downtime_ms: int = typer.Option(300, "--downtime-ms", help="Longest pause allowed for the final copy."),
     timeout: float = typer.Option(0, "--timeout", help="Cancel if not done after this many seconds (0: never)."),
     auto_converge: bool = typer.Option(False, "--auto-converge", help="Throttle the guest's CPU to converge."),
@@ -171,11 +176,11 @@ def migrate(
         # The destination must use the accelerator the guest runs under now.
         current = (await src.status(name)).info
         dst = driver(current.accel, tls=creds)
-        if bandwidth < 0 or timeout < 0:
-            raise ConfigError("--bandwidth and --timeout must not be negative")
+        if timeout < 0:
+            raise ConfigError("--timeout must not be negative")
         params = MigrationParams(
             transport=transport,
-            bandwidth_mibps=bandwidth or None,
+            bandwidth_mibps=_parse_bandwidth(bandwidth),
             downtime_limit_ms=downtime_ms,
             tls=tls,
             auto_converge=auto_converge,
@@ -220,6 +225,20 @@ async def _migrate_with_bar(
             bar.update(task, completed=p.transferred_bytes, total=total, detail=detail)
 
         return await live_migrate(src, dst, name, params, on_progress=update, port=port)
+
+
+def _parse_bandwidth(text: str) -> float | None:
+    if text == "auto":
+        return None
+    if text == "unlimited":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--bandwidth {text!r}: give MiB/s, 'unlimited' or 'auto'") from None
+    if value <= 0:
+        raise ConfigError("--bandwidth must be positive (or 'unlimited')")
+    return value
 
 
 def _stats_json(stats: MigrationStats) -> dict[str, Any]:

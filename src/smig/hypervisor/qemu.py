@@ -76,6 +76,9 @@ _RUNSTATES = {
 }
 _SUN_PATH_MAX = 107
 _UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s; QEMU 7.2 has no "no cap" value
+#: The cap under TCG when the caller sets none: the fastest setting seen to keep a guest that
+#: writes 50 MiB/s intact over 20 migrations in a row (512 MiB/s and up corrupted it).
+TCG_DEFAULT_BANDWIDTH_MIBPS = 128.0
 _TLS_IN = "smig-tls-in"
 _TLS_OUT = "smig-tls-out"
 
@@ -376,7 +379,7 @@ class QemuDriver:
             try:
                 pid = await self._spawn(spec, accel, paths, incoming=True)
                 async with session(paths.qmp, vm=spec.name) as qmp:
-                    await _set_migration_options(qmp, params, tls, tls_id=_TLS_IN, endpoint="server")
+                    await _set_migration_options(qmp, params, tls, tls_id=_TLS_IN, endpoint="server", accel=accel)
                     try:
                         await qmp.execute("migrate-incoming", uri=uri)
                     except QMPCommandError as e:
@@ -469,7 +472,8 @@ class QemuDriver:
             current = await qmp.execute("query-migrate")
             if current.get("status") in ("setup", "active", "cancelling", "pre-switchover", "device"):
                 raise VMStateError(f"VM {name!r} is already migrating", vm=name)
-            await _set_migration_options(qmp, params, tls, tls_id=_TLS_OUT, endpoint="client")
+            accel = Accel(self._record(name)["accel"])
+            await _set_migration_options(qmp, params, tls, tls_id=_TLS_OUT, endpoint="client", accel=accel)
             try:
                 await qmp.execute("migrate", uri=uri)
             except QMPCommandError as e:
@@ -557,7 +561,7 @@ class QemuDriver:
 
 
 async def _set_migration_options(
-    qmp: Session, params: MigrationParams, tls: TLSConfig | None, *, tls_id: str, endpoint: str
+    qmp: Session, params: MigrationParams, tls: TLSConfig | None, *, tls_id: str, endpoint: str, accel: Accel | None
 ) -> None:
     """Apply capabilities and parameters, including the TLS credentials object, to one side."""
     await qmp.execute(
@@ -567,8 +571,10 @@ async def _set_migration_options(
             {"capability": "auto-converge", "state": params.auto_converge},
         ],
     )
-    bandwidth = _UNLIMITED_BANDWIDTH if params.bandwidth_mibps is None else int(params.bandwidth_mibps * (1 << 20))
-    options: dict[str, Any] = {"max-bandwidth": bandwidth, "downtime-limit": params.downtime_limit_ms}
+    options: dict[str, Any] = {
+        "max-bandwidth": bandwidth_bytes(params.bandwidth_mibps, accel),
+        "downtime-limit": params.downtime_limit_ms,
+    }
     if tls is not None:
         with suppress(QMPCommandError):  # not there on a first migration
             await qmp.execute("object-del", id=tls_id)
@@ -589,6 +595,13 @@ async def _set_migration_options(
     else:
         options.update({"tls-creds": "", "tls-hostname": ""})
     await qmp.execute("migrate-set-parameters", **options)
+
+
+def bandwidth_bytes(mibps: float | None, accel: Accel | None) -> int:
+    """QEMU's ``max-bandwidth`` for a requested cap (None: the default for ``accel``; 0: none)."""
+    if mibps is None:
+        mibps = TCG_DEFAULT_BANDWIDTH_MIBPS if accel is Accel.TCG else 0.0
+    return _UNLIMITED_BANDWIDTH if mibps == 0 else int(mibps * (1 << 20))
 
 
 def _free_port(host: str) -> int:
