@@ -346,7 +346,11 @@ class QemuDriver:
 
     async def status(self, name: str) -> VMStatus:
         info = await self._info(name)
-        hb = heartbeat.read_last(self._paths(name, info.instance).heartbeat)
+        path = self._paths(name, info.instance).heartbeat
+        hb = heartbeat.read_last(path)
+        if hb is None and info.state is VMState.RUNNING:
+            # Just migrated in or just booted: the guest's next line is at most a period away.
+            hb = await heartbeat.wait_for(path, 2 * info.spec.heartbeat_ms / 1000 + 1.0)
         return VMStatus(info=info, heartbeat=hb)
 
     async def wait_heartbeat(self, name: str, timeout_s: float, *, after: int = -1) -> Heartbeat | None:
