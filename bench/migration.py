@@ -147,7 +147,7 @@ def main() -> int:
     repeats = 2 if args.quick else args.repeats
     sizes = [256] if args.quick else [256, 1024]
     cases = [Case(m, d, t) for m in sizes for d in (0, 50) for t in (False, True)]
-    command = "python bench/migration.py " + " ".join(sys.argv[1:])
+    command = ".venv/bin/python bench/migration.py " + " ".join(sys.argv[1:])
 
     async def go() -> list[Result]:
         with tempfile.TemporaryDirectory(prefix="smig-b") as home:

@@ -80,3 +80,14 @@ def test_help_teaches(cli_env: dict[str, str]) -> None:
     text = smig(cli_env, "vm", "migrate", "--help").stdout
     for flag in ("--tls", "--transport", "--bandwidth", "--downtime-ms", "--timeout", "--json"):
         assert flag in text
+
+
+@pytest.mark.qemu
+def test_demo_moves_a_busy_guest_twice_without_a_reboot(cli_env: dict[str, str], home: Path) -> None:
+    report = json.loads(smig(cli_env, "demo", "--json").stdout)
+    moves = report["migrations"]
+    assert [m["migration"] for m in moves] == ["plain", "TLS"]
+    for m in moves:
+        assert m["boot_id_unchanged"] and m["source_gone"]
+        assert m["heartbeat_after"] > m["heartbeat_before"]
+    assert qemu_pids(str(home)) == []

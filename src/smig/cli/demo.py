@@ -47,7 +47,7 @@ def demo(
             first = await d.wait_heartbeat(name, 10)
             if show and first is not None:
                 err.print(f"{name} up: pid {info.pid}, boot id {first.boot_id}, heartbeat {first.counter}")
-            for label, params in (("plain", MigrationParams()), ("mutual TLS", MigrationParams(tls=True))):
+            for label, params in (("plain", MigrationParams()), ("TLS", MigrationParams(tls=True))):
                 before = (await d.status(name)).heartbeat
                 stats = await _migrate_with_bar(d, d, name, params, None, show=show)
                 after = await d.wait_heartbeat(name, 10, after=before.counter if before else -1)
@@ -73,12 +73,12 @@ def demo(
             )
             return
         table = Table(
-            "migration",
+            "move",
             "total",
-            "downtime",
+            "down",
             "sent",
             "pid",
-            "heartbeat",
+            "beat",
             "same boot",
             "old gone",
             title=f"{name}: {memory} MiB, dirtying {dirty_mbps} MiB/s, {accel.value}",
@@ -88,7 +88,7 @@ def demo(
                 r["migration"],
                 f"{r['total_ms']} ms",
                 f"{r['downtime_ms']} ms",
-                f"{r['transferred_mib']} MiB",
+                f"{r['transferred_mib']:.0f}M",
                 f"{r['source_pid']} → {r['target_pid']}",
                 f"{r['heartbeat_before']} → {r['heartbeat_after']}",
                 "yes" if r["boot_id_unchanged"] else "[red]NO[/red]",

@@ -6,12 +6,21 @@ import typer
 
 from smig.cli.common import emit_json, err, fail, out
 from smig.errors import SmigError
-from smig.guest.image import ImageBuilder
+from smig.guest.image import GuestImage, ImageBuilder
 from smig.paths import smig_cache
 
 app = typer.Typer(
     help="Build and inspect the guest image (Debian cloud kernel + busybox initramfs).", no_args_is_help=True
 )
+
+
+def _image_json(image: GuestImage) -> dict[str, str]:
+    return {
+        "kernel": str(image.kernel),
+        "initrd": str(image.initrd),
+        "digest": image.digest,
+        "kernel_package": image.kernel_package,
+    }
 
 
 @app.command()
@@ -26,15 +35,7 @@ def build(
     except SmigError as e:
         fail(str(e))
     if as_json:
-        emit_json(
-            {
-                "kernel": str(image.kernel),
-                "initrd": str(image.initrd),
-                "digest": image.digest,
-                "kernel_package": image.kernel_package,
-                "built": built,
-            }
-        )
+        emit_json({**_image_json(image), "built": built})
     else:
         out.print(f"guest image {'built' if built else 'up to date'}: {image.kernel.parent} ({image.kernel_package})")
 
@@ -47,14 +48,7 @@ def show(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
     except SmigError as e:
         fail(str(e))
     if as_json:
-        emit_json(
-            {
-                "kernel": str(image.kernel),
-                "initrd": str(image.initrd),
-                "digest": image.digest,
-                "kernel_package": image.kernel_package,
-            }
-        )
+        emit_json(_image_json(image))
     else:
         out.print(
             f"kernel  {image.kernel}\ninitrd  {image.initrd}\npackage {image.kernel_package}\ndigest  {image.digest}"
