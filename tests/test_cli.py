@@ -28,7 +28,7 @@ def smig_json(env: dict[str, str], *args: str) -> Any:
 
 @pytest.mark.qemu
 def test_launch_status_migrate_stop_contract(cli_env: dict[str, str], home: Path) -> None:
-    launched = smig_json(cli_env, "vm", "launch", "web", "--memory", "256", "--dirty-mbps", "30")
+    launched = smig_json(cli_env, "vm", "launch", "web", "--memory", "256", "--dirty-mbps", "10")
     assert launched["name"] == "web" and launched["accel"] in ("kvm", "tcg") and launched["pid"] > 0
 
     st1 = smig_json(cli_env, "vm", "status", "web")
@@ -84,7 +84,7 @@ def test_help_teaches(cli_env: dict[str, str]) -> None:
 
 @pytest.mark.qemu
 def test_demo_moves_a_busy_guest_twice_without_a_reboot(cli_env: dict[str, str], home: Path) -> None:
-    report = json.loads(smig(cli_env, "demo", "--json").stdout)
+    report = json.loads(smig(cli_env, "demo", "--dirty-mbps", "10", "--json").stdout)
     moves = report["migrations"]
     assert [m["migration"] for m in moves] == ["plain", "TLS"]
     for m in moves:

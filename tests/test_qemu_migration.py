@@ -54,7 +54,7 @@ async def _migrate_and_check(driver: QemuDriver, home: Path, spec: VMSpec, param
 def test_live_migration_of_a_dirtying_guest(
     driver: QemuDriver, home: Path, memory: int, transport: Transport, tls: bool
 ) -> None:
-    spec = VMSpec(name="mover", memory_mib=memory, dirty_mbps=50, working_set_mib=64)
+    spec = VMSpec(name="mover", memory_mib=memory, dirty_mbps=10, working_set_mib=64)
     asyncio.run(_migrate_and_check(driver, home, spec, MigrationParams(transport=transport, tls=tls)))
 
 

@@ -26,7 +26,7 @@ from smig.pki import ensure_local_migration_tls
 
 def demo(
     memory: int = typer.Option(256, "--memory", "-m", help="Guest RAM in MiB."),
-    dirty_mbps: int = typer.Option(50, "--dirty-mbps", help="MiB the guest dirties per second."),
+    dirty_mbps: int = typer.Option(20, "--dirty-mbps", help="MiB the guest dirties per second."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
     """Boot a guest that dirties memory, live-migrate it plain and over TLS, and prove it never
