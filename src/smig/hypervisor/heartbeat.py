@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from smig.model import Heartbeat
@@ -41,11 +42,16 @@ def read_last(path: Path) -> Heartbeat | None:
         return None
 
 
-async def wait_for(path: Path, timeout_s: float, *, after: int = -1, poll_s: float = 0.05) -> Heartbeat | None:
-    """Wait until the file holds a heartbeat with a counter above ``after``; None on timeout."""
+async def wait_for(
+    path: Path | Callable[[], Path], timeout_s: float, *, after: int = -1, poll_s: float = 0.05
+) -> Heartbeat | None:
+    """Wait until the file holds a heartbeat with a counter above ``after``; None on timeout.
+
+    ``path`` may be a function, asked again at each poll, for a guest that may move meanwhile.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        hb = read_last(path)
+        hb = read_last(path() if callable(path) else path)
         if hb is not None and hb.counter > after:
             return hb
         if time.monotonic() >= deadline:

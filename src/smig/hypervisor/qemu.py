@@ -358,15 +358,9 @@ class QemuDriver:
 
         Follows the VM across a migration: the record is re-read each time.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            hb = heartbeat.read_last(self._paths(name, self._record(name)["instance"]).heartbeat)
-            if hb is not None and hb.counter > after:
-                return hb
-            if loop.time() >= deadline:
-                return None
-            await asyncio.sleep(0.05)
+        return await heartbeat.wait_for(
+            lambda: self._paths(name, self._record(name)["instance"]).heartbeat, timeout_s, after=after
+        )
 
     # -- migration: destination side -----------------------------------------------------
 
