@@ -10,10 +10,13 @@ import pytest
 from smig.errors import DestinationUnreachable, ImageError, MigrationError, TLSError
 from smig.guest.cpio import CpioWriter
 from smig.guest.image import parse_kernel_dependency
+from smig.hypervisor.base import Capability
 from smig.hypervisor.heartbeat import parse_last
+from smig.hypervisor.migration import check_capabilities
 from smig.hypervisor.migration_status import classify_failure, progress_from_query
+from smig.hypervisor.qemu import QemuDriver
 from smig.hypervisor.qemu_argv import InstancePaths, kernel_cmdline, qemu_argv
-from smig.model import Accel, MigrationStatus, VMSpec, valid_vm_name
+from smig.model import Accel, MigrationParams, MigrationStatus, VMSpec, valid_vm_name
 
 
 def test_last_complete_heartbeat_wins_and_partial_lines_are_ignored() -> None:
@@ -116,3 +119,12 @@ def test_vm_names_are_plain() -> None:
     assert valid_vm_name("web-1.a_b")
     for bad in ("", "A", "../x", "a/b", "x" * 64, "-a"):
         assert not valid_vm_name(bad)
+
+
+def test_a_missing_capability_is_refused_as_such_not_as_a_tls_failure() -> None:
+    class _NoTLS:
+        capabilities = frozenset({Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT})
+
+    with pytest.raises(MigrationError, match="destination driver cannot do tls-migration") as caught:
+        check_capabilities(QemuDriver, _NoTLS, MigrationParams(tls=True))  # type: ignore[arg-type]
+    assert type(caught.value) is MigrationError

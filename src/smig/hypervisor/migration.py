@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from smig.errors import MigrationCancelled, MigrationTimeout, SmigError
+from smig.errors import MigrationCancelled, MigrationError, MigrationTimeout, SmigError
 from smig.hypervisor.base import Capability, HypervisorDriver
 from smig.hypervisor.migration_status import classify_failure
 from smig.model import IncomingVM, MigrationParams, MigrationProgress, MigrationStats, MigrationStatus
@@ -38,7 +38,7 @@ def check_capabilities(source: HypervisorDriver, target: HypervisorDriver, param
     for side, driver in (("source", source), ("destination", target)):
         missing = need - driver.capabilities
         if missing:
-            raise classify_failure(f"the {side} driver cannot do {', '.join(sorted(m.value for m in missing))}")
+            raise MigrationError(f"the {side} driver cannot do {', '.join(sorted(m.value for m in missing))}")
 
 
 async def live_migrate(
