@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from smig.errors import DestinationUnreachable, MigrationError, TLSError
-from smig.model import MigrationProgress, MigrationStatus
+from smig.model import IncomingVM, MigrationParams, MigrationProgress, MigrationStats, MigrationStatus
 
 _KNOWN = {s.value: s for s in MigrationStatus}
 _UNREACHABLE = (
@@ -41,6 +41,27 @@ def progress_from_query(reply: dict[str, Any]) -> MigrationProgress:
         iterations=int(ram.get("dirty-sync-count", 0)),
         throughput_mbps=float(ram.get("mbps", 0.0)),
         error=reply.get("error-desc"),
+    )
+
+
+def stats_from_query(
+    reply: dict[str, Any], vm: str, source_pid: int, incoming: IncomingVM, params: MigrationParams
+) -> MigrationStats:
+    """The :class:`MigrationStats` of a completed migration from the source's ``query-migrate``."""
+    ram = reply.get("ram", {}) or {}
+    return MigrationStats(
+        vm=vm,
+        total_ms=int(reply.get("total-time", 0)),
+        downtime_ms=int(reply.get("downtime", 0)),
+        setup_ms=int(reply.get("setup-time", 0)),
+        transferred_bytes=int(ram.get("transferred", 0)),
+        iterations=int(ram.get("dirty-sync-count", 0)),
+        throughput_mbps=float(ram.get("mbps", 0.0)),
+        source_pid=source_pid,
+        target_pid=incoming.pid,
+        transport=params.transport,
+        tls=params.tls,
+        uri=incoming.uri,
     )
 
 

@@ -1,33 +1,19 @@
 """The QEMU driver: real QEMU processes, driven over QMP, under KVM where it boots Linux, TCG
 otherwise.
 
-Layout under the driver's home (``$SMIG_HOME``)::
-
-    vms/NAME/vm.json        the VM's spec and its current instance (pid, accelerator)
-    vms/NAME/ID/            one QEMU process's files: qmp.sock, qmp-aux.sock, heartbeat.log,
-                            console.log, qemu.pid, qemu.log (and migrate.sock when receiving)
-
-A migration on one machine has two instances of the same VM side by side; ``vm.json`` names
-the one that runs the guest.
+Where each VM's files live is :mod:`smig.hypervisor.qemu_files`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
-import json
 import logging
-import os
 import secrets
 import shutil
-import socket
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
-from dataclasses import asdict, dataclass
+from contextlib import suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from smig.errors import (
     ConfigError,
@@ -44,8 +30,10 @@ from smig.guest.image import GuestImage, ImageBuilder
 from smig.hypervisor import accel as accel_mod
 from smig.hypervisor import heartbeat, process
 from smig.hypervisor.base import Capability
-from smig.hypervisor.migration_status import classify_failure, progress_from_query
+from smig.hypervisor.migration_status import classify_failure, progress_from_query, stats_from_query
 from smig.hypervisor.qemu_argv import InstancePaths, qemu_argv
+from smig.hypervisor.qemu_files import VMFiles
+from smig.hypervisor.qemu_migration import TLS_IN, TLS_OUT, free_port, set_migration_options
 from smig.hypervisor.qmp import QMPCommandError, Session, connect, session
 from smig.model import (
     Accel,
@@ -60,7 +48,6 @@ from smig.model import (
     VMSpec,
     VMState,
     VMStatus,
-    valid_vm_name,
 )
 
 log = logging.getLogger(__name__)
@@ -74,13 +61,6 @@ _RUNSTATES = {
     "inmigrate": VMState.INCOMING,
     "postmigrate": VMState.MIGRATED,
 }
-_SUN_PATH_MAX = 107
-_UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s; QEMU 7.2 has no "no cap" value
-#: The cap under TCG when the caller sets none: the fastest setting seen to keep a guest that
-#: writes 50 MiB/s intact over 20 migrations in a row (512 MiB/s and up corrupted it).
-TCG_DEFAULT_BANDWIDTH_MIBPS = 128.0
-_TLS_IN = "smig-tls-in"
-_TLS_OUT = "smig-tls-out"
 
 
 @dataclass(frozen=True)
@@ -114,68 +94,13 @@ class QemuDriver:
 
     def __init__(self, config: QemuConfig) -> None:
         self.config = config
-        self._vms = config.home / "vms"
+        self._files = VMFiles(config.home)
         self._accel: tuple[Accel, str] | None = None
         # Outgoing migrations this driver started: name -> (instance, pid) of the source.
         self._outgoing: dict[str, tuple[str, int]] = {}
         # One query session per outgoing migration, kept open while it is followed: QEMU
         # mishandles a monitor socket reconnected every few milliseconds.
         self._followers: dict[str, tuple[asyncio.AbstractEventLoop, Session]] = {}
-
-    # -- files -------------------------------------------------------------------------
-
-    def _vm_dir(self, name: str) -> Path:
-        if not valid_vm_name(name):
-            raise ConfigError(
-                f"bad VM name {name!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)", vm=name
-            )
-        return self._vms / name
-
-    def _paths(self, name: str, instance: str) -> InstancePaths:
-        return InstancePaths(self._vm_dir(name) / instance)
-
-    def _record(self, name: str) -> dict[str, Any]:
-        try:
-            data = json.loads((self._vm_dir(name) / "vm.json").read_text())
-        except FileNotFoundError:
-            raise VMNotFound(f"no VM named {name!r} on this host (see `smig vm list`)", vm=name) from None
-        if not isinstance(data, dict):
-            raise VMNotFound(f"the record of VM {name!r} is unreadable", vm=name)
-        return data
-
-    def _write_record(self, spec: VMSpec, instance: str, pid: int, accel: Accel, image: str) -> None:
-        path = self._vm_dir(spec.name) / "vm.json"
-        tmp = path.with_suffix(".tmp")
-        record = {"spec": asdict(spec), "instance": instance, "pid": pid, "accel": accel.value, "image": image}
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
-
-    @asynccontextmanager
-    async def _locked(self, name: str) -> AsyncIterator[None]:
-        """Serialise changes to one VM across processes (two CLIs, an agent)."""
-        vm_dir = self._vm_dir(name)
-        vm_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(vm_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.05)
-            yield
-        finally:
-            os.close(fd)
-
-    def _new_instance(self, name: str) -> InstancePaths:
-        paths = self._paths(name, secrets.token_hex(3))
-        if len(str(paths.qmp_aux)) > _SUN_PATH_MAX:
-            raise ConfigError(
-                f"SMIG_HOME {self.config.home} is too long for QEMU's sockets "
-                f"({len(str(paths.qmp_aux))} > {_SUN_PATH_MAX} characters): choose a shorter one"
-            )
-        paths.directory.mkdir(parents=True)
-        return paths
 
     def _image(self) -> GuestImage:
         return ImageBuilder(self.config.cache).load()
@@ -204,7 +129,7 @@ class QemuDriver:
     async def probe_boot(self, accel: Accel, timeout_s: float) -> bool:
         """Boot a throwaway guest under ``accel``; True if it sends a heartbeat in time."""
         spec = VMSpec(name=f"probe-{accel.value}-{secrets.token_hex(2)}", memory_mib=128)
-        paths = self._new_instance(spec.name)
+        paths = self._files.new_instance(spec.name)
         try:
             pid = await self._spawn(spec, accel, paths, incoming=False)
             try:
@@ -214,7 +139,7 @@ class QemuDriver:
         except LaunchError:
             return False
         finally:
-            shutil.rmtree(self._vm_dir(spec.name), ignore_errors=True)
+            shutil.rmtree(self._files.vm_dir(spec.name), ignore_errors=True)
 
     # -- processes -----------------------------------------------------------------------
 
@@ -237,14 +162,12 @@ class QemuDriver:
         return pid
 
     async def _kill_instance(self, name: str, instance: str, pid: int | None = None) -> None:
-        paths = self._paths(name, instance)
+        paths = self._files.paths(name, instance)
         pid = pid or process.read_pidfile(paths.pidfile)
         if pid is not None and process.is_ours(pid, str(paths.directory)):
-            try:
+            with suppress(QMPError):  # a QEMU that will not answer is signalled below
                 async with session(paths.qmp, vm=name, timeout_s=2.0) as qmp:
                     await qmp.quit()
-            except QMPError:
-                pass
             if not await process.wait_gone(pid, 3.0):
                 await process.terminate(pid, str(paths.directory))
         shutil.rmtree(paths.directory, ignore_errors=True)
@@ -258,18 +181,20 @@ class QemuDriver:
             raise ConfigError(
                 f"dirty working set {spec.working_set_mib} MiB does not fit a {spec.memory_mib} MiB guest"
             )
-        async with self._locked(spec.name):
+        async with self._files.locked(spec.name):
             try:
-                current = self._record(spec.name)
+                current = self._files.record(spec.name)
             except VMNotFound:
                 current = None
             if current is not None:
-                if process.is_ours(int(current["pid"]), str(self._paths(spec.name, current["instance"]).directory)):
+                if process.is_ours(
+                    int(current["pid"]), str(self._files.paths(spec.name, current["instance"]).directory)
+                ):
                     raise VMExists(f"VM {spec.name!r} already runs (pid {current['pid']})", vm=spec.name)
-                self._forget(spec.name)
+                self._files.forget(spec.name)
             accel, _ = await self.accelerator()
             image = self._image()
-            paths = self._new_instance(spec.name)
+            paths = self._files.new_instance(spec.name)
             try:
                 pid = await self._spawn(spec, accel, paths, incoming=False)
                 hb = await self._await_boot(spec.name, pid, paths)
@@ -277,7 +202,7 @@ class QemuDriver:
             except BaseException:
                 await self._kill_instance(spec.name, paths.directory.name)
                 raise
-            self._write_record(spec, paths.directory.name, pid, accel, image.digest)
+            self._files.write_record(spec, paths.directory.name, pid, accel, image.digest)
             return VMInfo(spec=spec, pid=pid, accel=accel, state=VMState.RUNNING, instance=paths.directory.name)
 
     async def _await_boot(self, name: str, pid: int, paths: InstancePaths) -> str:
@@ -294,17 +219,10 @@ class QemuDriver:
             f"guest sent no heartbeat within {self.config.boot_timeout_s:.0f}s; see {paths.console}", vm=name
         )
 
-    def _forget(self, name: str) -> None:
-        vm_dir = self._vm_dir(name)
-        (vm_dir / "vm.json").unlink(missing_ok=True)
-        for child in vm_dir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-
     async def stop(self, name: str) -> None:
-        record = self._record(name)
-        async with self._locked(name):
-            vm_dir = self._vm_dir(name)
+        record = self._files.record(name)
+        async with self._files.locked(name):
+            vm_dir = self._files.vm_dir(name)
             for child in list(vm_dir.iterdir()):
                 if child.is_dir():
                     pid = int(record["pid"]) if child.name == record["instance"] else None
@@ -315,10 +233,10 @@ class QemuDriver:
         shutil.rmtree(vm_dir, ignore_errors=True)
 
     async def list(self) -> list[VMInfo]:
-        if not self._vms.exists():
+        if not self._files.vms.exists():
             return []
         out = []
-        for vm_dir in sorted(self._vms.iterdir()):
+        for vm_dir in sorted(self._files.vms.iterdir()):
             if (vm_dir / "vm.json").exists():
                 try:
                     out.append(await self._info(vm_dir.name))
@@ -327,12 +245,12 @@ class QemuDriver:
         return out
 
     async def spec(self, name: str) -> VMSpec:
-        return VMSpec(**self._record(name)["spec"])
+        return VMSpec(**self._files.record(name)["spec"])
 
     async def _info(self, name: str) -> VMInfo:
-        record = self._record(name)
+        record = self._files.record(name)
         spec = VMSpec(**record["spec"])
-        paths = self._paths(name, record["instance"])
+        paths = self._files.paths(name, record["instance"])
         pid = int(record["pid"])
         state = VMState.STOPPED
         if process.is_ours(pid, str(paths.directory)):
@@ -346,7 +264,7 @@ class QemuDriver:
 
     async def status(self, name: str) -> VMStatus:
         info = await self._info(name)
-        path = self._paths(name, info.instance).heartbeat
+        path = self._files.paths(name, info.instance).heartbeat
         hb = heartbeat.read_last(path)
         if hb is None and info.state is VMState.RUNNING:
             # Just migrated in or just booted: the guest's next line is at most a period away.
@@ -359,7 +277,7 @@ class QemuDriver:
         Follows the VM across a migration: the record is re-read each time.
         """
         return await heartbeat.wait_for(
-            lambda: self._paths(name, self._record(name)["instance"]).heartbeat, timeout_s, after=after
+            lambda: self._files.paths(name, self._files.record(name)["instance"]).heartbeat, timeout_s, after=after
         )
 
     # -- migration: destination side -----------------------------------------------------
@@ -369,15 +287,15 @@ class QemuDriver:
         accel, _ = await self.accelerator()
         tries = 1 if port is not None or params.transport is Transport.UNIX else 3
         for attempt in range(tries):
-            paths = self._new_instance(spec.name)
+            paths = self._files.new_instance(spec.name)
             if params.transport is Transport.UNIX:
                 uri = f"unix:{paths.migrate_socket}"
             else:
-                uri = f"tcp:{self.config.listen_host}:{port or _free_port(self.config.listen_host)}"
+                uri = f"tcp:{self.config.listen_host}:{port or free_port(self.config.listen_host)}"
             try:
                 pid = await self._spawn(spec, accel, paths, incoming=True)
                 async with session(paths.qmp, vm=spec.name) as qmp:
-                    await _set_migration_options(qmp, params, tls, tls_id=_TLS_IN, endpoint="server", accel=accel)
+                    await set_migration_options(qmp, params, tls, tls_id=TLS_IN, endpoint="server", accel=accel)
                     try:
                         await qmp.execute("migrate-incoming", uri=uri)
                     except QMPCommandError as e:
@@ -406,7 +324,7 @@ class QemuDriver:
 
     async def finish_incoming(self, incoming: IncomingVM) -> VMInfo:
         name = incoming.spec.name
-        paths = self._paths(name, incoming.instance)
+        paths = self._files.paths(name, incoming.instance)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
         state = "unknown"
@@ -420,8 +338,10 @@ class QemuDriver:
             await asyncio.sleep(0.02)
         else:
             raise MigrationError(f"{name} did not start running on the destination (state {state})", vm=name)
-        async with self._locked(name):
-            self._write_record(incoming.spec, incoming.instance, incoming.pid, incoming.accel, self._image().digest)
+        async with self._files.locked(name):
+            self._files.write_record(
+                incoming.spec, incoming.instance, incoming.pid, incoming.accel, self._image().digest
+            )
         return VMInfo(
             spec=incoming.spec,
             pid=incoming.pid,
@@ -432,7 +352,7 @@ class QemuDriver:
 
     async def abort_incoming(self, incoming: IncomingVM) -> None:
         await self._kill_instance(incoming.spec.name, incoming.instance, incoming.pid)
-        vm_dir = self._vm_dir(incoming.spec.name)
+        vm_dir = self._files.vm_dir(incoming.spec.name)
         if not (vm_dir / "vm.json").exists() and not any(p.is_dir() for p in vm_dir.iterdir()):
             shutil.rmtree(vm_dir, ignore_errors=True)
 
@@ -442,9 +362,9 @@ class QemuDriver:
         if name in self._outgoing:
             instance, pid = self._outgoing[name]
         else:
-            record = self._record(name)
+            record = self._files.record(name)
             instance, pid = record["instance"], int(record["pid"])
-        return self._paths(name, instance), pid
+        return self._files.paths(name, instance), pid
 
     def _tls(self, params: MigrationParams, name: str) -> TLSConfig | None:
         if not params.tls:
@@ -455,11 +375,11 @@ class QemuDriver:
 
     async def start_migration(self, name: str, destination: IncomingVM, params: MigrationParams) -> None:
         tls = self._tls(params, name)
-        if tls is not None and not destination.tls_hostname:
-            raise TLSError(f"the destination of {name} announced no TLS identity; it must listen with TLS", vm=name)
         if tls is not None:
-            tls = TLSConfig(directory=tls.directory, hostname=destination.tls_hostname or "")
-        uri = destination.uri
+            if not destination.tls_hostname:
+                raise TLSError(f"the destination of {name} announced no TLS identity; it must listen with TLS", vm=name)
+            # Verify the destination by the name it announced, with this host's own credentials.
+            tls = replace(tls, hostname=destination.tls_hostname)
         paths, pid = self._source(name)
         if not process.is_ours(pid, str(paths.directory)):
             raise VMStateError(f"VM {name!r} is not running (its QEMU process {pid} is gone)", vm=name)
@@ -470,10 +390,10 @@ class QemuDriver:
             current = await qmp.execute("query-migrate")
             if current.get("status") in ("setup", "active", "cancelling", "pre-switchover", "device"):
                 raise VMStateError(f"VM {name!r} is already migrating", vm=name)
-            accel = Accel(self._record(name)["accel"])
-            await _set_migration_options(qmp, params, tls, tls_id=_TLS_OUT, endpoint="client", accel=accel)
+            accel = Accel(self._files.record(name)["accel"])
+            await set_migration_options(qmp, params, tls, tls_id=TLS_OUT, endpoint="client", accel=accel)
             try:
-                await qmp.execute("migrate", uri=uri)
+                await qmp.execute("migrate", uri=destination.uri)
             except QMPCommandError as e:
                 raise classify_failure(e.desc, vm=name) from e
         self._outgoing[name] = (paths.directory.name, pid)
@@ -530,85 +450,15 @@ class QemuDriver:
         await self._drop_follower(name)
         if final.get("status") != "completed":
             raise VMStateError(f"the migration of {name!r} has not completed", vm=name)
-        ram = final.get("ram", {})
-        stats = MigrationStats(
-            vm=name,
-            total_ms=int(final.get("total-time", 0)),
-            downtime_ms=int(final.get("downtime", 0)),
-            setup_ms=int(final.get("setup-time", 0)),
-            transferred_bytes=int(ram.get("transferred", 0)),
-            iterations=int(ram.get("dirty-sync-count", 0)),
-            throughput_mbps=float(ram.get("mbps", 0.0)),
-            source_pid=pid,
-            target_pid=incoming.pid,
-            transport=params.transport,
-            tls=params.tls,
-            uri=incoming.uri,
-        )
+        stats = stats_from_query(final, name, pid, incoming, params)
         self._outgoing.pop(name, None)
         await self._kill_instance(name, paths.directory.name, pid)
-        async with self._locked(name):
-            record_path = self._vm_dir(name) / "vm.json"
+        async with self._files.locked(name):
+            record_path = self._files.vm_dir(name) / "vm.json"
             try:
-                points_here = self._record(name)["instance"] == paths.directory.name
+                points_here = self._files.record(name)["instance"] == paths.directory.name
             except VMNotFound:
                 points_here = False
             if points_here:  # the guest now lives on another host: forget it here
                 record_path.unlink(missing_ok=True)
         return stats
-
-
-async def _set_migration_options(
-    qmp: Session, params: MigrationParams, tls: TLSConfig | None, *, tls_id: str, endpoint: str, accel: Accel | None
-) -> None:
-    """Apply capabilities and parameters, including the TLS credentials object, to one side."""
-    await qmp.execute(
-        "migrate-set-capabilities",
-        capabilities=[
-            {"capability": "events", "state": True},
-            {"capability": "auto-converge", "state": params.auto_converge},
-        ],
-    )
-    options: dict[str, Any] = {
-        "max-bandwidth": bandwidth_bytes(params.bandwidth_mibps, accel),
-        "downtime-limit": params.downtime_limit_ms,
-    }
-    if tls is not None:
-        with suppress(QMPCommandError):  # not there on a first migration
-            await qmp.execute("object-del", id=tls_id)
-        try:
-            await qmp.execute(
-                "object-add",
-                **{
-                    "qom-type": "tls-creds-x509",
-                    "id": tls_id,
-                    "dir": tls.directory,
-                    "endpoint": endpoint,
-                    "verify-peer": True,
-                },
-            )
-        except QMPCommandError as e:
-            raise TLSError(f"QEMU cannot load TLS credentials from {tls.directory}: {e.desc}") from e
-        options.update({"tls-creds": tls_id, "tls-hostname": tls.hostname})
-    else:
-        options.update({"tls-creds": "", "tls-hostname": ""})
-    await qmp.execute("migrate-set-parameters", **options)
-
-
-def bandwidth_bytes(mibps: float | None, accel: Accel | None) -> int:
-    """QEMU's ``max-bandwidth`` for a requested cap (None: the default for ``accel``; 0: none)."""
-    if mibps is None:
-        mibps = TCG_DEFAULT_BANDWIDTH_MIBPS if accel is Accel.TCG else 0.0
-    return _UNLIMITED_BANDWIDTH if mibps == 0 else int(mibps * (1 << 20))
-
-
-def _free_port(host: str) -> int:
-    """A port the kernel just had free on ``host``; the destination binds it moments later."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError as e:
-            if e.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError(f"listen address {host} does not exist on this host") from e
-            raise
-        return int(s.getsockname()[1])
