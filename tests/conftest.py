@@ -70,6 +70,11 @@ def driver(home: Path, guest_image: GuestImage) -> Iterator[QemuDriver]:
     """A QEMU driver over the test's own home; every VM left at the end is stopped."""
     d = make_driver(home)
     yield d
+    _stop_all(d, home)
+
+
+def _stop_all(d: QemuDriver, home: Path) -> None:
+    """Stop every VM ``d`` holds; fail if a QEMU of this home survives it."""
     for info in asyncio.run(d.list()):
         asyncio.run(d.stop(info.name))
     leftovers = qemu_pids(str(home))
@@ -81,6 +86,4 @@ def cli_env(home: Path, guest_image: GuestImage) -> Iterator[dict[str, str]]:
     """Environment for running the `smig` command against the test's home."""
     env = dict(os.environ, SMIG_HOME=str(home), SMIG_CACHE=str(smig_cache()))
     yield env
-    d = QemuDriver(QemuConfig(home=home, cache=smig_cache()))
-    for info in asyncio.run(d.list()):
-        asyncio.run(d.stop(info.name))
+    _stop_all(QemuDriver(QemuConfig(home=home, cache=smig_cache())), home)

@@ -10,7 +10,7 @@ import pytest
 from smig.errors import ConfigError, VMExists, VMNotFound
 from smig.hypervisor import process
 from smig.hypervisor.qemu import QemuDriver
-from smig.model import Accel, VMSpec, VMState
+from smig.model import VMSpec, VMState
 from tests.helpers import qemu_pids, rising_heartbeat
 
 pytestmark = pytest.mark.qemu
@@ -39,14 +39,6 @@ def test_guest_boots_counts_and_stops(driver: QemuDriver, home: Path) -> None:
         assert qemu_pids(str(home)) == []
 
     asyncio.run(story())
-
-
-def test_accelerator_on_this_machine_is_tcg_when_kvm_cannot_boot_linux(driver: QemuDriver) -> None:
-    accel, reason = asyncio.run(driver.accelerator())
-    if Path("/sys/module/kvm_pvm").exists() and not any(
-        Path(f"/sys/module/{m}").exists() for m in ("kvm_intel", "kvm_amd")
-    ):
-        assert accel is Accel.TCG, reason
 
 
 def test_unknown_vm_is_a_clear_error(driver: QemuDriver) -> None:

@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from smig.cli.common import driver, emit_json, err, out, run
-from smig.cli.vm import _migrate_with_bar
+from smig.cli.vm import migrate_with_bar
 from smig.hypervisor import process
 from smig.model import MigrationParams, VMSpec
 from smig.paths import smig_home
@@ -49,7 +49,7 @@ def demo(
                 err.print(f"{name} up: pid {info.pid}, boot id {first.boot_id}, heartbeat {first.counter}")
             for label, params in (("plain", MigrationParams()), ("TLS", MigrationParams(tls=True))):
                 before = (await d.status(name)).heartbeat
-                stats = await _migrate_with_bar(d, d, name, params, None, show=show)
+                stats = await migrate_with_bar(d, d, name, params, None, show=show)
                 after = await d.wait_heartbeat(name, 10, after=before.counter if before else -1)
                 rows.append(
                     {

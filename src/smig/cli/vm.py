@@ -13,6 +13,7 @@ from rich.table import Table
 from smig.cli.common import driver, emit_json, err, fail, out, run
 from smig.errors import ConfigError
 from smig.hypervisor.accel import parse_override
+from smig.hypervisor.base import HypervisorDriver
 from smig.hypervisor.migration import live_migrate
 from smig.model import (
     MigrationParams,
@@ -186,7 +187,7 @@ def migrate(
             auto_converge=auto_converge,
             timeout_s=timeout or None,
         )
-        stats = await _migrate_with_bar(src, dst, name, params, port or None, show=not as_json)
+        stats = await migrate_with_bar(src, dst, name, params, port or None, show=not as_json)
         if as_json:
             emit_json(_stats_json(stats))
         else:
@@ -200,9 +201,10 @@ def migrate(
     run(body)
 
 
-async def _migrate_with_bar(
-    src: Any, dst: Any, name: str, params: MigrationParams, port: int | None, *, show: bool
+async def migrate_with_bar(
+    src: HypervisorDriver, dst: HypervisorDriver, name: str, params: MigrationParams, port: int | None, *, show: bool
 ) -> MigrationStats:
+    """Live-migrate ``name``, drawing progress on stderr when ``show``; shared with ``smig demo``."""
     if not show:
         return await live_migrate(src, dst, name, params, port=port)
     with Progress(
