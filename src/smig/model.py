@@ -107,7 +107,7 @@ class MigrationParams:
     ``bandwidth_mibps``: ``None`` lets the driver choose, ``0`` means no cap. QEMU 7.2's own
     cap (128 MiB/s) doubles the time of a small guest and lets a fast-dirtying guest never
     converge, so under KVM the QEMU driver sends uncapped; under TCG it keeps 128 MiB/s, because
-    uncapped TCG migrations of a memory-writing guest crashed it after about one move in five
+    uncapped TCG migrations of a memory-writing guest crashed it after 1 to 4 moves in 20
     (``bench/migration_safety.py``). With ``tls`` each
     side uses its own host's credentials (:class:`TLSConfig`), and the source checks the
     destination's certificate against the name the destination announces.

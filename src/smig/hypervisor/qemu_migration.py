@@ -17,7 +17,8 @@ from smig.model import Accel, MigrationParams, TLSConfig
 
 _UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s; QEMU 7.2 has no "no cap" value
 #: The cap under TCG when the caller sets none: the fastest setting seen to keep a guest that
-#: writes 50 MiB/s intact over 20 migrations in a row (512 MiB/s and up corrupted it).
+#: writes 50 MiB/s intact over plain migrations (0 of 40 crashed; 512 MiB/s and up corrupted
+#: it). It does not protect TLS migrations as well; see docs/BENCHMARKS.md.
 TCG_DEFAULT_BANDWIDTH_MIBPS = 128.0
 #: QOM ids of the TLS credentials objects: one for receiving, one for sending.
 TLS_IN = "smig-tls-in"
