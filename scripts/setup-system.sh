@@ -7,7 +7,8 @@ PACKAGES=(
     qemu-utils        # qemu-img, for guest disks
     busybox-static    # the guest's userland
     iproute2          # network namespaces for the lab
-    gcc libc6-dev     # compiles the guest's static workload program
+    gcc libc6-dev     # compiles the guest's static workload program and the lab's attack library
+    b3sum             # the baseline AIM's hashing speed is benchmarked against
 )
 
 SUDO=""

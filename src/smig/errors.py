@@ -18,6 +18,11 @@ errors of the libraries they use at their boundary (``raise X(...) from e``)::
         ├── TLSError              TLS credentials are missing or the handshake was refused
         ├── MigrationCancelled    cancelled on request
         └── MigrationTimeout      did not complete within its time limit
+    AIMError                      integrity measurement could not be done
+    ├── ProcessGone               a measured process exited (not a mismatch: it is measured no more)
+    ├── ManifestError             a reference manifest is missing, malformed or wrongly signed
+    ├── ReportRejected            a monitor report is forged, replayed, out of order or stale
+    └── AttackError               a lab attack could not be applied or undone
 
 Each error carries structured fields (``vm``, ``host``) next to a message a person can act on.
 """
@@ -92,3 +97,31 @@ class MigrationCancelled(MigrationError):
 
 class MigrationTimeout(MigrationError):
     """The migration did not complete within its time limit and was cancelled."""
+
+
+class AIMError(SmigError):
+    """Integrity measurement could not be done."""
+
+
+class ProcessGone(AIMError):
+    """A process exited while it was being measured; it is not a mismatch."""
+
+    def __init__(self, pid: int, message: str | None = None) -> None:
+        super().__init__(message or f"process {pid} exited while it was measured")
+        self.pid = pid
+
+
+class ManifestError(AIMError):
+    """A reference manifest is missing, malformed, or its signature does not verify."""
+
+
+class ReportRejected(AIMError):
+    """A monitor report that must change no state: ``reason`` says why (forged, replayed, ...)."""
+
+    def __init__(self, reason: str, message: str, *, host: str | None = None) -> None:
+        super().__init__(message, host=host)
+        self.reason = reason
+
+
+class AttackError(AIMError):
+    """A lab attack could not be applied, or could not be undone."""

@@ -1,4 +1,4 @@
-"""Plain data shared by every part of SMIG: VMs, their state, and live migrations.
+"""Plain data shared by every part of SMIG: VMs, their state, live migrations, and AIM reports.
 
 Frozen dataclasses and enums only; no I/O and nothing from the rest of SMIG.
 """
@@ -183,3 +183,61 @@ class MigrationStats:
     transport: Transport
     tls: bool
     uri: str
+
+
+class HashAlgorithm(StrEnum):
+    """Digest used by AIM; BLAKE3 by default for speed, SHA-256 where policy demands it."""
+
+    BLAKE3 = "blake3"
+    SHA256 = "sha256"
+
+
+class Verdict(StrEnum):
+    """A monitor's judgement of its subject: every target equals its reference, or not."""
+
+    MATCH = "match"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One measured thing that differs from its reference.
+
+    ``path`` is the module's file, ``"[anon]"`` for anonymous executable memory, or a kernel
+    page such as ``"[vdso]"``; ``offset`` and ``length`` are the changed range within that file
+    (file offsets), so an operator can find the patched code. ``pid`` is 0 for files on disk.
+    """
+
+    path: str
+    offset: int
+    length: int
+    reason: str
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class TargetDigest:
+    """The digest of one measured target (``pid:path@offset+length`` or ``file:path``)."""
+
+    target: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a monitor says about its subject after one measurement; signed before it is sent.
+
+    ``sequence`` strictly increases per (monitor, subject); times are Unix seconds.
+    """
+
+    subject: str
+    monitor: str
+    sequence: int
+    started_at: float
+    ended_at: float
+    algorithm: HashAlgorithm
+    root: str
+    verdict: Verdict
+    targets: tuple[TargetDigest, ...]
+    mismatches: tuple[Mismatch, ...]
+    measured_bytes: int

@@ -6,7 +6,7 @@ import typer
 
 from smig import __version__
 from smig.cli import accel as accel_cmd
-from smig.cli import demo, image, vm
+from smig.cli import aim, attack, demo, image, vm
 from smig.cli.common import setup_logging
 
 app = typer.Typer(
@@ -21,6 +21,9 @@ app = typer.Typer(
 )
 app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
+app.add_typer(aim.app, name="reference")
+app.command("measure")(aim.measure)
+app.add_typer(attack.app, name="attack")
 app.command("accel")(accel_cmd.accel)
 app.command("demo")(demo.demo)
 

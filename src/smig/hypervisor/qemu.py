@@ -328,16 +328,32 @@ class QemuDriver:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
         state = "unknown"
-        while loop.time() < deadline:
-            if not process.is_ours(incoming.pid, str(paths.directory)):
-                raise MigrationError(f"the destination QEMU of {name} exited after the migration", vm=name)
-            async with session(paths.qmp_aux, vm=name) as qmp:
-                state = str((await qmp.execute("query-status")).get("status"))
-            if state == "running":
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise MigrationError(f"{name} did not start running on the destination (state {state})", vm=name)
+        qmp: Session | None = None
+        try:
+            # One session for the whole wait: QEMU resets connections that arrive while it is
+            # still tearing down the previous one, so a reconnect per poll fails now and then.
+            while loop.time() < deadline:
+                if not process.is_ours(incoming.pid, str(paths.directory)):
+                    raise MigrationError(f"the destination QEMU of {name} exited after the migration", vm=name)
+                try:
+                    if qmp is None or not qmp.connected:
+                        qmp = await connect(paths.qmp_aux, vm=name)
+                    state = str((await qmp.execute("query-status")).get("status"))
+                except QMPError as e:
+                    log.debug("destination monitor of %s: %s; retrying", name, e)
+                    if qmp is not None:
+                        await qmp.close()
+                    qmp = None
+                    await asyncio.sleep(0.1)
+                    continue
+                if state == "running":
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise MigrationError(f"{name} did not start running on the destination (state {state})", vm=name)
+        finally:
+            if qmp is not None:
+                await qmp.close()
         async with self._files.locked(name):
             self._files.write_record(
                 incoming.spec, incoming.instance, incoming.pid, incoming.accel, self._image().digest

@@ -1,0 +1,1 @@
+"""AIM: adjacent integrity measurement of hypervisors."""

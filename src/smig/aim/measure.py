@@ -1,0 +1,246 @@
+"""Measuring a host: hash the code of its hypervisor processes and its files, judge each against
+the reference manifest, and say exactly what differs.
+
+Per process, every executable mapping is judged:
+
+- a file-backed mapping must be a segment the manifest knows, leaf for leaf;
+- ``[vdso]`` must hash to a digest the manifest accepts for the kernel; ``[vsyscall]`` is an
+  execute-only page the kernel emulates and cannot be read, so it is only checked for being where
+  and what it always is;
+- anonymous executable memory is a mismatch, with one exception: a process that loaded QEMU's
+  TCG accelerator may hold one read-write-execute buffer of translated guest code, no larger than
+  the manifest allows. Its content is generated at run time and has no reference; see the threat
+  model in the README for what that leaves open.
+
+Two signals are combined. The full hash sees any byte that differs from the file, however it got
+there. The copy-on-write signal (``Anonymous:`` in ``/proc/PID/smaps``, then ``/proc/PID/pagemap``
+for the pages) is nearly free and sees a code page that was written even if the bytes were put
+back, but it is blind to a change made to the file's shared page cache.
+
+A process that exits while it is measured is no mismatch: it is dropped from this round.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smig.aim import procfs
+from smig.aim.hashing import Reader, combine, root
+from smig.aim.procfs import PAGE, MemoryMapping
+from smig.aim.reference import Manifest
+from smig.errors import ProcessGone
+from smig.model import Mismatch, TargetDigest, Verdict
+
+VSYSCALL = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One round over a host (or one process): the verdict and the evidence behind it."""
+
+    verdict: Verdict
+    root: str
+    targets: tuple[TargetDigest, ...]
+    mismatches: tuple[Mismatch, ...]
+    bytes: int
+    elapsed_ms: float
+    pids: tuple[int, ...]
+    gone: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class _Round:
+    targets: list[TargetDigest] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _runs(indexes: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of indexes as (first, count)."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(indexes):
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+class Measurer:
+    """Measures processes and files against one manifest; keep one per monitor (it caches).
+
+    ``cow_check`` adds the copy-on-write signal; ``share_clean`` lets a round hash a clean
+    file-backed mapping (no private pages) once for every process that maps the same inode range,
+    since all of them read the same page-cache pages.
+    """
+
+    def __init__(self, manifest: Manifest, *, cow_check: bool = True, share_clean: bool = True) -> None:
+        self.manifest = manifest
+        self.cow_check = cow_check
+        self.share_clean = share_clean
+        self._reader = Reader(manifest.algorithm, manifest.leaf_size)
+        self._file_cache: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    # -- processes -------------------------------------------------------------------------
+
+    def measure(self, pids: Iterable[int], *, files: bool = False, file_root: Path = Path("/")) -> Measurement:
+        """Measure the processes ``pids`` and, with ``files``, the manifest's files under ``file_root``."""
+        t0 = time.perf_counter()
+        start_bytes = self._reader.bytes_read
+        total = _Round()
+        measured: list[int] = []
+        gone: list[int] = []
+        shared: dict[tuple[str, int, int, int], str] = {}
+        for pid in pids:
+            one = _Round()
+            try:
+                self._measure_process(pid, one, shared)
+            except ProcessGone:
+                gone.append(pid)
+                continue
+            measured.append(pid)
+            total.targets += one.targets
+            total.mismatches += one.mismatches
+            total.notes += one.notes
+        if files:
+            self._measure_files(file_root, total)
+        return Measurement(
+            verdict=Verdict.MISMATCH if total.mismatches else Verdict.MATCH,
+            root=root(self.manifest.algorithm, ((t.target, t.digest) for t in total.targets)),
+            targets=tuple(total.targets),
+            mismatches=tuple(total.mismatches),
+            bytes=self._reader.bytes_read - start_bytes,
+            elapsed_ms=(time.perf_counter() - t0) * 1000,
+            pids=tuple(measured),
+            gone=tuple(gone),
+            notes=tuple(dict.fromkeys(total.notes)),
+        )
+
+    def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:
+        maps = procfs.read_maps(pid)
+        anon = procfs.anonymous_kib(pid) if self.cow_check or self.share_clean else {}
+        tcg_buffers = 1 if procfs.uses_tcg(maps) else 0
+        try:
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise ProcessGone(pid) from e
+        try:
+            for m in maps:
+                if not m.executable:
+                    continue
+                name = m.path or "[anon]"
+                target = f"{pid}:{name}@{m.offset:#x}+{m.length:#x}"
+                if m.path == "[vsyscall]":
+                    if (m.start, m.end) != VSYSCALL or m.perms[0] == "r":
+                        out.mismatches.append(Mismatch(name, m.start, m.length, "unexpected [vsyscall] page", pid))
+                    continue
+                if m.anonymous and not m.kernel_page:
+                    if tcg_buffers and m.perms.startswith("rwx") and m.length <= self.manifest.tcg_buffer_max:
+                        tcg_buffers -= 1
+                        out.notes.append("TCG translated-code buffer present: generated code, not hashed")
+                        continue
+                    digest = self._hash(pid, fd, m)
+                    out.targets.append(TargetDigest(target, digest))
+                    out.mismatches.append(
+                        Mismatch("[anon]", m.start, m.length, "anonymous executable memory (address, not offset)", pid)
+                    )
+                    continue
+                clean = anon.get(m.start, 0) == 0
+                key = (m.device, m.inode, m.offset, m.length)
+                if self.share_clean and clean and not m.kernel_page and key in shared:
+                    out.targets.append(TargetDigest(target, shared[key]))
+                    continue
+                leaves = self._leaves(pid, fd, m)
+                digest = combine(self.manifest.algorithm, leaves).hex()
+                out.targets.append(TargetDigest(target, digest))
+                if m.kernel_page:
+                    accepted = self.manifest.kernel_pages.get(m.path, ())
+                    if digest not in accepted:
+                        out.mismatches.append(
+                            Mismatch(m.path, 0, m.length, "kernel page differs from the reference kernel's", pid)
+                        )
+                    continue
+                ok = self._judge_module(pid, m, leaves, out)
+                if ok and clean:
+                    shared[key] = digest
+                if self.cow_check and not clean:
+                    for first, count in _runs(procfs.private_pages(pid, m)):
+                        out.mismatches.append(
+                            Mismatch(
+                                m.path, m.offset + first * PAGE, count * PAGE, "code page written (copy-on-write)", pid
+                            )
+                        )
+        finally:
+            os.close(fd)
+
+    def _judge_module(self, pid: int, m: MemoryMapping, leaves: list[bytes], out: _Round) -> bool:
+        module = self.manifest.modules.get(m.path)
+        if module is None:
+            out.mismatches.append(Mismatch(m.path, m.offset, m.length, "module not in the reference manifest", pid))
+            return False
+        seg = module.segment_at(m.offset)
+        if seg is None or seg.length != m.length:
+            out.mismatches.append(
+                Mismatch(m.path, m.offset, m.length, "mapping does not match any reference segment", pid)
+            )
+            return False
+        differ = [i for i, (a, b) in enumerate(zip(leaves, seg.leaves, strict=True)) if a.hex() != b]
+        leaf = self.manifest.leaf_size
+        for first, count in _runs(differ):
+            length = min(count * leaf, m.length - first * leaf)
+            out.mismatches.append(
+                Mismatch(m.path, m.offset + first * leaf, length, "code differs from the reference", pid)
+            )
+        return not differ
+
+    def _leaves(self, pid: int, fd: int, m: MemoryMapping) -> list[bytes]:
+        try:
+            return self._reader.leaves(fd, m.start, m.length)
+        except (EOFError, OSError) as e:
+            # The process exited, or unmapped this range as we read it: either way not a mismatch.
+            if isinstance(e, OSError) and e.errno not in (errno.EIO, errno.ESRCH, errno.ENOENT, errno.EFAULT):
+                raise
+            raise ProcessGone(
+                pid, f"process {pid} exited or unmapped {m.path or '[anon]'} while it was measured"
+            ) from e
+
+    def _hash(self, pid: int, fd: int, m: MemoryMapping) -> str:
+        return combine(self.manifest.algorithm, self._leaves(pid, fd, m)).hex()
+
+    # -- files on disk ---------------------------------------------------------------------
+
+    def _measure_files(self, file_root: Path, out: _Round) -> None:
+        for path, expected in sorted(self.manifest.files.items()):
+            full = file_root / path.lstrip("/")
+            try:
+                digest = self._file_digest(full)
+            except FileNotFoundError:
+                out.mismatches.append(Mismatch(path, 0, 0, "file is missing"))
+                continue
+            except OSError as e:
+                out.mismatches.append(Mismatch(path, 0, 0, f"file cannot be read: {e.strerror or e}"))
+                continue
+            out.targets.append(TargetDigest(f"file:{path}", digest))
+            if digest != expected:
+                out.mismatches.append(
+                    Mismatch(path, 0, os.stat(full).st_size, "file on disk differs from the reference")
+                )
+
+    def _file_digest(self, path: Path) -> str:
+        # Rehash only when the file's identity or times change: the ctime cannot be set back
+        # without changing the clock, so an edit in place cannot hide from this cache.
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            cached = self._file_cache.get(str(path))
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            digest = self._reader.file_digest(f.fileno())
+        self._file_cache[str(path)] = (key, digest)
+        return digest
