@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import shutil
 import subprocess
+from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from smig.errors import (
@@ -75,6 +77,8 @@ class QemuConfig:
     tls: TLSConfig | None = None  # this host's migration credentials
     boot_timeout_s: float = 90.0
     probe_timeout_s: float = 30.0
+    # Extra environment for QEMU processes; the lab's library-injection attack sets LD_PRELOAD here.
+    environment: Mapping[str, str] = field(default_factory=dict)
 
 
 class QemuDriver:
@@ -149,7 +153,11 @@ class QemuDriver:
         log.debug("starting %s", " ".join(argv))
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**os.environ, **self.config.environment} if self.config.environment else None,
             )
         except FileNotFoundError as e:
             raise LaunchError(f"{self.config.binary} is not installed (run `make setup`)", vm=spec.name) from e

@@ -1,0 +1,180 @@
+"""AIM on real QEMU processes: a healthy hypervisor matches its file-built reference, and every
+attack is detected and named by module and offset range."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smig.aim import procfs, reference
+from smig.aim.measure import Measurement, Measurer
+from smig.aim.reference import Manifest
+from smig.errors import ManifestError
+from smig.lab import attacks
+from smig.model import HashAlgorithm, Verdict
+from tests.aim_helpers import bare_qemu
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="session")
+def manifest() -> Manifest:
+    return reference.build(reference.installed_qemu_files())
+
+
+def _hits(m: Measurement, path: str, offset: int, reason: str = "") -> list[str]:
+    """Reasons of mismatches on ``path`` whose range covers file offset ``offset``."""
+    return [
+        x.reason
+        for x in m.mismatches
+        if x.path == path and x.offset <= offset < x.offset + x.length and reason in x.reason
+    ]
+
+
+def test_a_healthy_qemu_equals_the_bytes_of_its_files(home: Path, manifest: Manifest) -> None:
+    with bare_qemu(home) as pid:
+        maps = procfs.executable_mappings(pid)
+        result = Measurer(manifest).measure([pid])
+    assert result.verdict is Verdict.MATCH, result.mismatches
+    file_backed = [m for m in maps if m.path.startswith("/")]
+    assert len(file_backed) > 40, "QEMU maps its binary and dozens of libraries"
+    # Every file mapping and the vDSO is hashed; only the TCG buffer and [vsyscall] are not.
+    assert len(result.targets) == len(file_backed) + 1
+    assert result.bytes >= sum(m.length for m in file_backed)
+    assert any("TCG" in n for n in result.notes)
+
+
+def test_sha256_references_work_the_same(home: Path) -> None:
+    files = [Path(p) for p in reference.installed_qemu_files() if "qemu-system" in str(p) or "libc.so" in str(p)]
+    sha = reference.build(files, algorithm=HashAlgorithm.SHA256)
+    with bare_qemu(home) as pid:
+        attacks.patch(pid, "libc.so")
+        result = Measurer(sha, cow_check=False).measure([pid])
+    libc = next(p for p in sha.modules if "libc.so" in p)
+    assert {x.path for x in result.mismatches if x.reason == "code differs from the reference"} == {libc}
+    # Everything it maps besides the two files is unknown to this small manifest: named, too.
+    assert any(x.reason == "module not in the reference manifest" for x in result.mismatches)
+
+
+@pytest.mark.parametrize("module", [None, "libglib-2.0"], ids=["binary", "library"])
+def test_a_patch_in_memory_is_named_by_module_and_range(home: Path, manifest: Manifest, module: str | None) -> None:
+    with bare_qemu(home) as pid:
+        record = attacks.patch(pid, module)
+        full = Measurer(manifest, cow_check=False).measure([pid])
+        both = Measurer(manifest).measure([pid])
+        attacks.undo(record)
+        after_full = Measurer(manifest, cow_check=False).measure([pid])
+        after_cow = Measurer(manifest).measure([pid])
+        assert procfs.process_name(pid).startswith("qemu-system"), "the patch must not kill QEMU"
+    assert full.verdict is Verdict.MISMATCH
+    assert _hits(full, record.path, record.offset, "code differs")
+    assert len(full.mismatches) == 1, "exactly the patched module and leaf"
+    assert full.mismatches[0].length <= manifest.leaf_size
+    assert _hits(both, record.path, record.offset, "copy-on-write")
+    # Put back, the bytes match again; the written page stays a private copy, which the
+    # copy-on-write signal keeps seeing.
+    assert after_full.verdict is Verdict.MATCH
+    assert [x.reason for x in after_cow.mismatches] == ["code page written (copy-on-write)"]
+
+
+def test_a_transient_patch_restores_itself(home: Path, manifest: Manifest) -> None:
+    with bare_qemu(home) as pid:
+        record = attacks.transient_patch(pid, 0.05)
+        result = Measurer(manifest, cow_check=False).measure([pid])
+        trace = Measurer(manifest).measure([pid])
+    assert result.verdict is Verdict.MATCH
+    assert _hits(trace, record.path, record.offset, "copy-on-write")
+
+
+def test_anonymous_executable_memory_is_a_mismatch(home: Path, manifest: Manifest) -> None:
+    with bare_qemu(home) as pid:
+        record = attacks.anon_exec(pid, 8192)
+        during = Measurer(manifest).measure([pid])
+        attacks.undo(record)
+        after = Measurer(manifest).measure([pid])
+    anon = [x for x in during.mismatches if x.path == "[anon]"]
+    assert [(x.offset, x.length) for x in anon] == [(record.offset, 8192)]
+    assert after.verdict is Verdict.MATCH
+
+
+def test_an_injected_library_is_named(home: Path, manifest: Manifest) -> None:
+    lib = attacks.preload_library(home / "lab")
+    with bare_qemu(home, env={"LD_PRELOAD": str(lib)}) as pid:
+        result = Measurer(manifest).measure([pid])
+    named = {x.path for x in result.mismatches}
+    assert named == {str(lib)}, result.mismatches
+    assert all(x.reason == "module not in the reference manifest" for x in result.mismatches)
+
+
+def test_a_swapped_binary_is_caught_in_memory_and_on_disk(home: Path) -> None:
+    binary = home / "bin" / "qemu-system-x86_64"
+    binary.parent.mkdir()
+    shutil.copy2(shutil.which("qemu-system-x86_64") or "", binary)
+    files = [binary, *(p for p in reference.installed_qemu_files() if p.name != binary.name)]
+    manifest = reference.build(files)
+    modules = {"QEMU_MODULE_DIR": str(reference.QEMU_MODULE_DIR)}  # a copied QEMU finds its modules by this
+    record = attacks.swap_binary(binary)
+    try:
+        with bare_qemu(home, str(binary), modules) as pid:
+            result = Measurer(manifest).measure([pid], files=True)
+    finally:
+        attacks.undo(record)
+    assert _hits(result, str(binary), record.offset, "code differs")
+    assert [x.reason for x in result.mismatches if x.pid == 0] == ["file on disk differs from the reference"]
+    with bare_qemu(home, str(binary), modules) as pid:
+        assert Measurer(manifest).measure([pid], files=True).verdict is Verdict.MATCH
+
+
+def test_a_process_that_is_gone_is_no_mismatch(home: Path, manifest: Manifest) -> None:
+    with bare_qemu(home) as pid:
+        gone_pid = pid
+    with bare_qemu(home) as pid:
+        result = Measurer(manifest).measure([gone_pid, pid])
+    assert result.verdict is Verdict.MATCH
+    assert result.gone == (gone_pid,) and result.pids == (pid,)
+
+
+def test_a_manifest_is_only_loaded_with_the_right_signature(tmp_path: Path, manifest: Manifest) -> None:
+    key = reference.signing_key(tmp_path / "a")
+    path = tmp_path / "m.json"
+    reference.save(reference.sign(manifest, key), path)
+    assert reference.load(path, key.public_key()).modules.keys() == manifest.modules.keys()
+
+    with pytest.raises(ManifestError, match="not signed by the trusted"):
+        reference.load(path, reference.signing_key(tmp_path / "b").public_key())
+    doc = json.loads(path.read_text())
+    some = next(iter(doc["manifest"]["modules"]))
+    doc["manifest"]["modules"][some][0]["leaves"][0] = "00" * 32  # vouch for a patched leaf
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="altered"):
+        reference.load(path, key.public_key())
+
+
+def test_cli_contract_reference_measure_attack_undo(home: Path, cli_env: dict[str, str]) -> None:
+    def smig(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(Path(sys.executable).parent / "smig"), *args], env=cli_env, capture_output=True, text=True, check=check, timeout=120)
+
+    built = json.loads(smig("reference", "build", "--json").stdout)
+    assert Path(built["path"]) == home / "reference" / "manifest.json" and built["modules"] > 40
+    with bare_qemu(home / "q") as pid:
+        healthy = json.loads(smig("measure", "--pid", str(pid), "--json").stdout)
+        applied = json.loads(smig("attack", "patch", "--pid", str(pid), "--module", "libz", "--json").stdout)
+        tampered = json.loads(smig("measure", "--pid", str(pid), "--no-cow", "--json").stdout)
+        strict = smig("measure", "--pid", str(pid), "--strict", check=False)
+        smig("attack", "undo", applied["id"])
+        restored = json.loads(smig("measure", "--pid", str(pid), "--no-cow", "--json").stdout)
+    assert healthy["verdict"] == "match" and healthy["mismatches"] == []
+    assert healthy["bytes"] > 10_000_000 and healthy["elapsed_ms"] > 0
+    assert tampered["verdict"] == "mismatch"
+    [hit] = tampered["mismatches"]
+    assert hit["path"] == applied["path"] and "libz" in hit["path"]
+    assert hit["offset"] <= applied["offset"] < hit["offset"] + hit["length"]
+    assert strict.returncode == 3
+    assert restored["verdict"] == "match"
+    bad = smig("measure", "--pid", "999999999", "--json", check=False)
+    assert bad.returncode == 1 and "no process" in bad.stderr
