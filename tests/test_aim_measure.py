@@ -157,7 +157,14 @@ def test_a_manifest_is_only_loaded_with_the_right_signature(tmp_path: Path, mani
 
 def test_cli_contract_reference_measure_attack_undo(home: Path, cli_env: dict[str, str]) -> None:
     def smig(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(Path(sys.executable).parent / "smig"), *args], env=cli_env, capture_output=True, text=True, check=check, timeout=120)
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "smig"), *args],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     built = json.loads(smig("reference", "build", "--json").stdout)
     assert Path(built["path"]) == home / "reference" / "manifest.json" and built["modules"] > 40
