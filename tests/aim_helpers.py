@@ -14,7 +14,9 @@ from smig.aim import procfs
 
 
 @contextlib.contextmanager
-def bare_qemu(home: Path, binary: str = "qemu-system-x86_64", env: Mapping[str, str] | None = None) -> Iterator[int]:
+def bare_qemu(
+    home: Path, binary: str = "qemu-system-x86_64", env: Mapping[str, str] | None = None, *, netns: str | None = None
+) -> Iterator[int]:
     """A real QEMU process with every code mapping a VM's has (TCG included), but no guest.
 
     Its command line names ``home`` so the session's leftover check finds it.
@@ -24,6 +26,8 @@ def bare_qemu(home: Path, binary: str = "qemu-system-x86_64", env: Mapping[str, 
     argv += ["-pidfile", str(home / f"bare-{time.monotonic_ns()}.pid")]
     if binary != "qemu-system-x86_64":  # a relocated QEMU looks for firmware beside itself
         argv += ["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]
+    if netns is not None:  # the lab's notion of a host: a network namespace
+        argv = ["ip", "netns", "exec", netns, *argv]
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})}
     )

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from smig.model import HashAlgorithm, Verdict
 from tests.aim_helpers import bare_qemu
 
 pytestmark = pytest.mark.qemu
+_SMIG = str(Path(sys.executable).parent / "smig")
 
 
 @pytest.fixture(scope="session")
@@ -185,3 +187,21 @@ def test_cli_contract_reference_measure_attack_undo(home: Path, cli_env: dict[st
     assert restored["verdict"] == "match"
     bad = smig("measure", "--pid", "999999999", "--json", check=False)
     assert bad.returncode == 1 and "no process" in bad.stderr
+
+
+def test_a_host_is_the_hypervisors_in_its_network_namespace(home: Path, cli_env: dict[str, str]) -> None:
+    netns = f"smig-t{home.name}-{int(time.time() * 1000) % 100000}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        with bare_qemu(home / "outside"), bare_qemu(home / "inside", netns=netns) as inside:
+            found = procfs.hypervisor_pids(f"/run/netns/{netns}")
+            env = dict(cli_env)
+            subprocess.run([_SMIG, "reference", "build", "--no-agent"], env=env, check=True, capture_output=True)
+            done = subprocess.run(
+                [_SMIG, "measure", "--host", netns, "--json"], env=env, capture_output=True, text=True
+            )
+    finally:
+        subprocess.run(["ip", "netns", "delete", netns], check=True)
+    assert found == [inside]
+    result = json.loads(done.stdout)
+    assert result["pids"] == [inside] and result["verdict"] == "match", result
