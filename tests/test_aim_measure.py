@@ -15,6 +15,7 @@ import pytest
 from smig.aim import procfs, reference
 from smig.aim.measure import Measurement, Measurer
 from smig.aim.reference import Manifest
+from smig.aim.report import SignedReport, load_private_key, verify_report
 from smig.errors import ManifestError
 from smig.lab import attacks
 from smig.model import HashAlgorithm, Verdict
@@ -205,3 +206,26 @@ def test_a_host_is_the_hypervisors_in_its_network_namespace(home: Path, cli_env:
     assert found == [inside]
     result = json.loads(done.stdout)
     assert result["pids"] == [inside] and result["verdict"] == "match", result
+
+
+def test_smig_monitor_prints_signed_reports_that_verify(home: Path, cli_env: dict[str, str]) -> None:
+    subprocess.run([_SMIG, "reference", "build", "--no-agent"], env=cli_env, check=True, capture_output=True)
+    with bare_qemu(home / "q") as pid:
+        args = ["monitor", "--pid", str(pid), "--id", "h2", "--subject", "h1", "--interval", "0.05", "--rounds", "2"]
+        done = subprocess.run([_SMIG, *args, "--json"], env=cli_env, capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    key = load_private_key(home / "keys" / "monitor.pem").public_key()
+    last: dict[tuple[str, str], int] = {}
+    for line in lines:
+        report = verify_report(
+            SignedReport.from_wire(line["wire"]),
+            keys={"h2": key},
+            assigned={"h1": ["h2"]},
+            last_sequence=last,
+            now=time.time(),
+            max_age_s=30,
+            max_skew_s=1,
+        )
+        last[("h2", "h1")] = report.sequence
+        assert report.verdict is Verdict.MATCH and line["report"]["sequence"] == report.sequence
+    assert len(lines) == 2

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 import smig
 from smig.aim import elf, procfs
 from smig.aim.hashing import LEAF_SIZE, Reader, combine
-from smig.aim.report import load_private_key, load_public_key_pem, public_key_pem, save_private_key
+from smig.aim.report import ensure_private_key, load_public_key_pem, public_key_pem
 from smig.errors import ConfigError, ManifestError
 from smig.model import HashAlgorithm
 
@@ -304,11 +304,7 @@ def default_manifest_path(home: Path) -> Path:
 
 def signing_key(home: Path) -> Ed25519PrivateKey:
     """The operator's reference-signing key in ``home``, generated on first use."""
-    path = home / "keys" / "reference.pem"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        save_private_key(Ed25519PrivateKey.generate(), path)
-    return load_private_key(path)
+    return ensure_private_key(home / "keys" / "reference.pem")
 
 
 def trusted_key(home: Path, public_key_file: Path | None = None) -> Ed25519PublicKey:

@@ -436,6 +436,18 @@ def save_private_key(key: Ed25519PrivateKey, path: Path | str) -> None:
         raise
 
 
+def ensure_private_key(path: Path) -> Ed25519PrivateKey:
+    """The key at ``path``, generated there (mode 0600, in a 0700 directory) on first use.
+
+    Raises:
+        ConfigError: the key file cannot be written or read.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        save_private_key(generate_key(), path)
+    return load_private_key(path)
+
+
 def load_private_key(path: Path | str) -> Ed25519PrivateKey:
     """The Ed25519 key that :func:`save_private_key` wrote to ``path``.
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,9 @@ import typer
 
 from smig.aim import procfs, reference
 from smig.aim.measure import Measurement, Measurer
+from smig.aim.monitor import Monitor, Observation, Subject
+from smig.aim.report import encode_report, ensure_private_key
+from smig.aim.schedule import Schedule
 from smig.cli.common import emit_json, fail, out
 from smig.errors import SmigError
 from smig.model import HashAlgorithm, Verdict
@@ -231,3 +237,70 @@ def measure(
             out.print(f"  [dim]exited while measured: {', '.join(map(str, result.gone))}[/dim]")
     if strict and result.verdict is Verdict.MISMATCH:
         raise typer.Exit(3)
+
+
+def monitor(
+    host: str | None = typer.Option(None, "--host", help="Network namespace of the subject (name or path)."),
+    pid: list[int] = typer.Option(None, "--pid", help="Subject processes instead of a namespace (repeatable)."),
+    subject: str = typer.Option("subject", "--subject", help="The subject's host id in the reports."),
+    monitor_id: str = typer.Option("monitor", "--id", help="This monitor's host id in the reports."),
+    interval: float = typer.Option(1.0, "--interval", min=0.001, help="Mean seconds between measurements."),
+    jitter: float = typer.Option(0.5, "--jitter", min=0.0, max=0.99, help="Intervals are mean * (1 +- jitter)."),
+    cpu_share: float = typer.Option(0.25, "--cpu-share", min=0.01, max=1.0, help="Most of a core measuring may use."),
+    rounds: int | None = typer.Option(
+        None, "--rounds", min=1, help="Stop after this many [default: run until Ctrl-C]."
+    ),
+    reference_file: Path | None = _REFERENCE,
+    key: Path | None = _KEY,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line per round: the report and its wire form."),
+) -> None:
+    """Measure a subject at randomised times and print each signed report, as an agent's monitor does.
+
+    Reports are signed with $SMIG_HOME/keys/monitor.pem (generated on first use).
+    """
+    if bool(host) == bool(pid):
+        fail("name the subject: --host NETNS or --pid PID")
+    try:
+        _, manifest = _load(reference_file, key)
+        if host is not None:
+            netns = host if "/" in host else f"/run/netns/{host}"
+            if not os.path.exists(netns):
+                fail(f"no network namespace {netns}")
+            target = Subject(subject, lambda: procfs.hypervisor_pids(netns))
+        else:
+            fixed = list(pid)
+            target = Subject(subject, lambda: [p for p in fixed if Path(f"/proc/{p}").is_dir()], files=False)
+        mon = Monitor(
+            monitor_id,
+            ensure_private_key(smig_home() / "keys" / "monitor.pem"),
+            Measurer(manifest),
+            Schedule(mean_interval_s=interval, jitter=jitter),
+            max_cpu_share=cpu_share,
+        )
+    except SmigError as e:
+        fail(str(e))
+
+    def emit(o: Observation) -> None:
+        r = o.report
+        if as_json:
+            line = {"report": json.loads(encode_report(r)), "wire": o.signed.to_wire().decode()}
+            sys.stdout.write(json.dumps(line, sort_keys=True) + "\n")
+            sys.stdout.flush()
+            return
+        colour = "green" if r.verdict is Verdict.MATCH else "red"
+        out.print(
+            f"#{r.sequence} [{colour}]{r.verdict.value}[/{colour}] {len(o.measurement.pids)} process(es) "
+            f"{o.measurement.elapsed_ms:.1f} ms {o.cpu_s * 1000:.1f} ms CPU",
+            soft_wrap=True,
+        )
+        for x in r.mismatches:
+            out.print(
+                f"   {x.path} {x.offset:#x}+{x.length:#x} (pid {x.pid}): {x.reason}", markup=False, soft_wrap=True
+            )
+
+    try:
+        asyncio.run(mon.run(target, emit, rounds=rounds))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mon.close()
