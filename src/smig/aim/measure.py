@@ -13,8 +13,8 @@ Per process, every executable mapping is judged:
   model in the README for what that leaves open.
 
 Two signals are combined. The full hash sees any byte that differs from the file, however it got
-there. The copy-on-write signal (``Anonymous:`` in ``/proc/PID/smaps``, then ``/proc/PID/pagemap``
-for the pages) is nearly free and sees a code page that was written even if the bytes were put
+there. The copy-on-write signal (private pages in ``/proc/PID/pagemap``, read for the code ranges
+only) is nearly free and sees a code page that was written even if the bytes were put
 back, but it is blind to a change made to the file's shared page cache.
 
 A process that exits while it is measured is no mismatch: it is dropped from this round.
@@ -124,12 +124,12 @@ class Measurer:
 
     def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:
         maps = procfs.read_maps(pid)
-        anon = procfs.anonymous_kib(pid) if self.cow_check or self.share_clean else {}
         tcg_buffers = 1 if procfs.uses_tcg(maps) else 0
         try:
             fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         except (FileNotFoundError, ProcessLookupError) as e:
             raise ProcessGone(pid) from e
+        pagemap = procfs.PageMap(pid) if self.cow_check or self.share_clean else None
         try:
             for m in maps:
                 if not m.executable:
@@ -151,7 +151,8 @@ class Measurer:
                         Mismatch("[anon]", m.start, m.length, "anonymous executable memory (address, not offset)", pid)
                     )
                     continue
-                clean = anon.get(m.start, 0) == 0
+                private = pagemap.private_pages(m) if pagemap is not None and not m.kernel_page else []
+                clean = not private
                 key = (m.device, m.inode, m.offset, m.length)
                 if self.share_clean and clean and not m.kernel_page and key in shared:
                     out.targets.append(TargetDigest(target, shared[key]))
@@ -169,8 +170,8 @@ class Measurer:
                 ok = self._judge_module(pid, m, leaves, out)
                 if ok and clean:
                     shared[key] = digest
-                if self.cow_check and not clean:
-                    for first, count in _runs(procfs.private_pages(pid, m)):
+                if self.cow_check:
+                    for first, count in _runs(private):
                         out.mismatches.append(
                             Mismatch(
                                 m.path, m.offset + first * PAGE, count * PAGE, "code page written (copy-on-write)", pid
@@ -178,6 +179,8 @@ class Measurer:
                         )
         finally:
             os.close(fd)
+            if pagemap is not None:
+                pagemap.close()
 
     def _judge_module(self, pid: int, m: MemoryMapping, leaves: list[bytes], out: _Round) -> bool:
         module = self.manifest.modules.get(m.path)
