@@ -641,7 +641,8 @@ def _host_table(r: Results) -> list[str]:
     tail = [
         "",
         f"What sharing cannot save, per guest process and round: parsing `/proc/PID/maps` {_ms(h.maps_ms)} ms, "
-        f"parsing maps again and reading the `/proc/PID/pagemap` entries of its code {_ms(h.smaps_ms)} ms (the copy-on-write signal; "
+        f"parsing maps again and reading the `/proc/PID/pagemap` entries of its code {_ms(h.smaps_ms)} ms "
+        "(the copy-on-write signal; "
         "it reads the code's entries only, so guest RAM does not add to it).",
     ]
     for c in h.cases:
