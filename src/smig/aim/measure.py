@@ -124,7 +124,9 @@ class Measurer:
 
     def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:
         maps = procfs.read_maps(pid)
-        tcg_buffers = 1 if procfs.uses_tcg(maps) else 0
+        # QEMU allocates the TCG buffer before it loads the accelerator module, so a process just
+        # starting may hold the buffer without the module: then it must at least not be using KVM.
+        tcg_buffers = 1 if procfs.uses_tcg(maps) or not procfs.uses_kvm(pid) else 0
         try:
             fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         except (FileNotFoundError, ProcessLookupError) as e:

@@ -171,3 +171,18 @@ def hypervisor_pids(netns: str | Path | None = None, prefixes: tuple[str, ...] =
 def uses_tcg(maps: list[MemoryMapping]) -> bool:
     """Whether the process loaded QEMU's TCG accelerator module (judged from its own mappings)."""
     return any(os.path.basename(m.path).startswith("accel-tcg-") for m in maps if m.executable)
+
+
+def uses_kvm(pid: int) -> bool:
+    """Whether the process holds ``/dev/kvm`` open (a KVM guest's QEMU always does)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/kvm":
+                return True
+        except OSError:
+            continue
+    return False
