@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
 import ssl
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import blake3
 
+from docs_section import write_section
 from smig.aim import procfs, reference
 from smig.aim.hashing import LEAF_SIZE, READ_SIZE, Reader
 from smig.aim.measure import Measurement, Measurer
@@ -53,13 +53,14 @@ from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.reference import Manifest
 from smig.aim.report import generate_key
 from smig.aim.schedule import Schedule
-from smig.errors import ProcessGone, VMNotFound
+from smig.errors import VMNotFound
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
+from smig.lab.bare import BARE_ARGS, DEFAULT_BINARY, bare_qemu
 from smig.model import HashAlgorithm, Verdict, VMInfo, VMSpec
 from smig.paths import smig_cache
 
-BEGIN, END = "<!-- bench:aim:begin -->", "<!-- bench:aim:end -->"
-BARE_QEMU = tuple(shlex.split("qemu-system-x86_64 -machine pc -accel tcg -nodefaults -display none -S -m 64"))
+SECTION = "aim"
+BARE_QEMU = (DEFAULT_BINARY, *BARE_ARGS)
 MiB = 1 << 20
 B3 = "b3sum FILE (default: all threads)"
 B3_ONE = "b3sum --num-threads 1 FILE"
@@ -114,41 +115,6 @@ def _ratio(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 # -- a QEMU process without a guest ------------------------------------------------------------
-
-
-def _holds_tcg_buffer(maps: list[procfs.MemoryMapping]) -> bool:
-    return procfs.uses_tcg(maps) and any(m.anonymous and m.perms.startswith("rwx") for m in maps)
-
-
-@contextmanager
-def bare_qemu() -> Iterator[int]:
-    """Start QEMU stopped before the guest's first instruction (``-S``); yield its PID; stop it."""
-    proc = subprocess.Popen(BARE_QEMU, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 15
-        maps: list[procfs.MemoryMapping] | None = None
-        while True:
-            time.sleep(0.05)
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"bare QEMU exited with {proc.returncode}: {err.strip()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("bare QEMU did not settle its code mappings within 15 s")
-            with suppress(ProcessGone):
-                now = procfs.executable_mappings(proc.pid)
-                if now == maps and _holds_tcg_buffer(now):
-                    break
-                maps = now
-        yield proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def hashed_ranges(pid: int) -> list[tuple[int, int]]:
@@ -787,17 +753,6 @@ def render(r: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{body}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, 3 s monitor runs (about a minute)")
@@ -843,7 +798,7 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(asdict(results), indent=2) + "\n")
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, body)
     return 0
 
 

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from docs_section import write_section
 from smig.hypervisor.migration import live_migrate
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
 from smig.model import MigrationParams, VMSpec
@@ -30,7 +31,7 @@ from smig.paths import smig_cache
 from smig.pki import ensure_local_migration_tls
 
 UNCAPPED = 0.0
-BEGIN, END = "<!-- bench:migration:begin -->", "<!-- bench:migration:end -->"
+SECTION = "migration"
 
 
 @dataclass(frozen=True)
@@ -126,17 +127,6 @@ def _cpus() -> int:
     return os.cpu_count() or 0
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{body}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="migrations per case and per setting (default 3)")
@@ -163,7 +153,7 @@ def main() -> int:
     body = render(results, repeats, command.strip())
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, body)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

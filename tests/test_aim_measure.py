@@ -18,8 +18,8 @@ from smig.aim.reference import Manifest
 from smig.aim.report import SignedReport, load_private_key, verify_report
 from smig.errors import ManifestError
 from smig.lab import attacks
+from smig.lab.bare import bare_qemu
 from smig.model import HashAlgorithm, Verdict
-from tests.aim_helpers import bare_qemu
 
 pytestmark = pytest.mark.qemu
 _SMIG = str(Path(sys.executable).parent / "smig")
@@ -40,7 +40,7 @@ def _hits(m: Measurement, path: str, offset: int, reason: str = "") -> list[str]
 
 
 def test_a_healthy_qemu_equals_the_bytes_of_its_files(home: Path, manifest: Manifest) -> None:
-    with bare_qemu(home) as pid:
+    with bare_qemu(marker_dir=home) as pid:
         maps = procfs.executable_mappings(pid)
         result = Measurer(manifest).measure([pid])
     assert result.verdict is Verdict.MATCH, result.mismatches
@@ -55,7 +55,7 @@ def test_a_healthy_qemu_equals_the_bytes_of_its_files(home: Path, manifest: Mani
 def test_sha256_references_work_the_same(home: Path) -> None:
     files = [Path(p) for p in reference.installed_qemu_files() if "qemu-system" in str(p) or "libc.so" in str(p)]
     sha = reference.build(files, algorithm=HashAlgorithm.SHA256)
-    with bare_qemu(home) as pid:
+    with bare_qemu(marker_dir=home) as pid:
         attacks.patch(pid, "libc.so")
         result = Measurer(sha, cow_check=False).measure([pid])
     libc = next(p for p in sha.modules if "libc.so" in p)
@@ -66,7 +66,7 @@ def test_sha256_references_work_the_same(home: Path) -> None:
 
 @pytest.mark.parametrize("module", [None, "libglib-2.0"], ids=["binary", "library"])
 def test_a_patch_in_memory_is_named_by_module_and_range(home: Path, manifest: Manifest, module: str | None) -> None:
-    with bare_qemu(home) as pid:
+    with bare_qemu(marker_dir=home) as pid:
         record = attacks.patch(pid, module)
         full = Measurer(manifest, cow_check=False).measure([pid])
         both = Measurer(manifest).measure([pid])
@@ -86,7 +86,7 @@ def test_a_patch_in_memory_is_named_by_module_and_range(home: Path, manifest: Ma
 
 
 def test_a_transient_patch_restores_itself(home: Path, manifest: Manifest) -> None:
-    with bare_qemu(home) as pid:
+    with bare_qemu(marker_dir=home) as pid:
         record = attacks.transient_patch(pid, 0.05)
         result = Measurer(manifest, cow_check=False).measure([pid])
         trace = Measurer(manifest).measure([pid])
@@ -95,7 +95,7 @@ def test_a_transient_patch_restores_itself(home: Path, manifest: Manifest) -> No
 
 
 def test_anonymous_executable_memory_is_a_mismatch(home: Path, manifest: Manifest) -> None:
-    with bare_qemu(home) as pid:
+    with bare_qemu(marker_dir=home) as pid:
         record = attacks.anon_exec(pid, 8192)
         during = Measurer(manifest).measure([pid])
         attacks.undo(record)
@@ -107,7 +107,7 @@ def test_anonymous_executable_memory_is_a_mismatch(home: Path, manifest: Manifes
 
 def test_an_injected_library_is_named(home: Path, manifest: Manifest) -> None:
     lib = attacks.preload_library(home / "lab")
-    with bare_qemu(home, env={"LD_PRELOAD": str(lib)}) as pid:
+    with bare_qemu(marker_dir=home, env={"LD_PRELOAD": str(lib)}) as pid:
         result = Measurer(manifest).measure([pid])
     named = {x.path for x in result.mismatches}
     assert named == {str(lib)}, result.mismatches
@@ -123,20 +123,20 @@ def test_a_swapped_binary_is_caught_in_memory_and_on_disk(home: Path) -> None:
     modules = {"QEMU_MODULE_DIR": str(reference.QEMU_MODULE_DIR)}  # a copied QEMU finds its modules by this
     record = attacks.swap_binary(binary)
     try:
-        with bare_qemu(home, str(binary), modules) as pid:
+        with bare_qemu(marker_dir=home, binary=str(binary), env=modules) as pid:
             result = Measurer(manifest).measure([pid], files=True)
     finally:
         attacks.undo(record)
     assert _hits(result, str(binary), record.offset, "code differs")
     assert [x.reason for x in result.mismatches if x.pid == 0] == ["file on disk differs from the reference"]
-    with bare_qemu(home, str(binary), modules) as pid:
+    with bare_qemu(marker_dir=home, binary=str(binary), env=modules) as pid:
         assert Measurer(manifest).measure([pid], files=True).verdict is Verdict.MATCH
 
 
 def test_a_process_that_is_gone_is_no_mismatch(home: Path, manifest: Manifest) -> None:
-    with bare_qemu(home) as pid:
+    with bare_qemu(marker_dir=home) as pid:
         gone_pid = pid
-    with bare_qemu(home) as pid:
+    with bare_qemu(marker_dir=home) as pid:
         result = Measurer(manifest).measure([gone_pid, pid])
     assert result.verdict is Verdict.MATCH
     assert result.gone == (gone_pid,) and result.pids == (pid,)
@@ -171,7 +171,7 @@ def test_cli_contract_reference_measure_attack_undo(home: Path, cli_env: dict[st
 
     built = json.loads(smig("reference", "build", "--json").stdout)
     assert Path(built["path"]) == home / "reference" / "manifest.json" and built["modules"] > 40
-    with bare_qemu(home / "q") as pid:
+    with bare_qemu(marker_dir=home / "q") as pid:
         healthy = json.loads(smig("measure", "--pid", str(pid), "--json").stdout)
         applied = json.loads(smig("attack", "patch", "--pid", str(pid), "--module", "libz", "--json").stdout)
         tampered = json.loads(smig("measure", "--pid", str(pid), "--no-cow", "--json").stdout)
@@ -194,7 +194,7 @@ def test_a_host_is_the_hypervisors_in_its_network_namespace(home: Path, cli_env:
     netns = f"smig-t{home.name}-{int(time.time() * 1000) % 100000}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:
-        with bare_qemu(home / "outside"), bare_qemu(home / "inside", netns=netns) as inside:
+        with bare_qemu(marker_dir=home / "outside"), bare_qemu(marker_dir=home / "inside", netns=netns) as inside:
             found = procfs.hypervisor_pids(f"/run/netns/{netns}")
             env = dict(cli_env)
             subprocess.run([_SMIG, "reference", "build", "--no-agent"], env=env, check=True, capture_output=True)
@@ -210,7 +210,7 @@ def test_a_host_is_the_hypervisors_in_its_network_namespace(home: Path, cli_env:
 
 def test_smig_monitor_prints_signed_reports_that_verify(home: Path, cli_env: dict[str, str]) -> None:
     subprocess.run([_SMIG, "reference", "build", "--no-agent"], env=cli_env, check=True, capture_output=True)
-    with bare_qemu(home / "q") as pid:
+    with bare_qemu(marker_dir=home / "q") as pid:
         args = ["monitor", "--pid", str(pid), "--id", "h2", "--subject", "h1", "--interval", "0.05", "--rounds", "2"]
         done = subprocess.run([_SMIG, *args, "--json"], env=cli_env, capture_output=True, text=True, timeout=60)
     lines = [json.loads(line) for line in done.stdout.splitlines()]

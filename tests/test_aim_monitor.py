@@ -23,8 +23,8 @@ from smig.errors import ReportRejected
 from smig.hypervisor.migration import live_migrate
 from smig.hypervisor.qemu import QemuDriver
 from smig.lab import attacks
+from smig.lab.bare import bare_qemu
 from smig.model import MigrationParams, Mismatch, Transport, Verdict, VMSpec
-from tests.aim_helpers import bare_qemu
 from tests.helpers import qemu_pids
 
 pytestmark = pytest.mark.qemu
@@ -45,7 +45,7 @@ def test_reports_are_signed_fresh_and_accepted_once(home: Path, manifest: Manife
     key = generate_key()
     monitor = Monitor("h2", key, Measurer(manifest), Schedule(mean_interval_s=0.05))
     try:
-        with bare_qemu(home) as pid:
+        with bare_qemu(marker_dir=home) as pid:
             subject = Subject("h1", lambda: [pid], files=False)
             healthy = _run(monitor, subject, 3)
             record = attacks.patch(pid, "libz")
@@ -79,6 +79,7 @@ def test_reports_are_signed_fresh_and_accepted_once(home: Path, manifest: Manife
 _ATTACKER = """
 import json, random, sys, time
 from smig.lab import attacks
+from smig.lab.bare import bare_qemu
 pid, duration, horizon = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 rng, windows, end = random.Random(7), [], time.monotonic() + horizon
 while time.monotonic() < end:
@@ -100,7 +101,7 @@ def test_transient_patches_are_caught_as_often_as_the_schedule_predicts(home: Pa
     )
     measured: list[tuple[float, float, bool]] = []
     try:
-        with bare_qemu(home) as pid:
+        with bare_qemu(marker_dir=home) as pid:
             attacker = subprocess.Popen(
                 [sys.executable, "-c", _ATTACKER, str(pid), "0.05", "30"], stdout=subprocess.PIPE, text=True
             )

@@ -158,6 +158,14 @@ def verify(
         raise typer.Exit(1)
 
 
+def _netns(host: str) -> str:
+    """The namespace file for ``host``: a name under /run/netns, or a path as given."""
+    netns = host if "/" in host else f"/run/netns/{host}"
+    if not os.path.exists(netns):
+        fail(f"no network namespace {netns}")
+    return netns
+
+
 def _measurement_json(m: Measurement, algorithm: HashAlgorithm) -> dict[str, Any]:
     return {
         "verdict": m.verdict.value,
@@ -207,12 +215,7 @@ def measure(
                     fail(f"no process {p}")
             pids = list(pid)
         else:
-            netns = None
-            if host is not None:
-                netns = host if "/" in host else f"/run/netns/{host}"
-                if not os.path.exists(netns):
-                    fail(f"no network namespace {netns}")
-            pids = procfs.hypervisor_pids(netns)
+            pids = procfs.hypervisor_pids(_netns(host) if host is not None else None)
             if pids:
                 file_root = Path(f"/proc/{pids[0]}/root")  # the files as the subject's processes see them
         result = Measurer(manifest, cow_check=cow).measure(
@@ -263,9 +266,7 @@ def monitor(
     try:
         _, manifest = _load(reference_file, key)
         if host is not None:
-            netns = host if "/" in host else f"/run/netns/{host}"
-            if not os.path.exists(netns):
-                fail(f"no network namespace {netns}")
+            netns = _netns(host)
             target = Subject(subject, lambda: procfs.hypervisor_pids(netns))
         else:
             fixed = list(pid)
