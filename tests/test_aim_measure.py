@@ -4,6 +4,8 @@ attack is detected and named by module and offset range."""
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import shutil
 import subprocess
 import sys
@@ -16,13 +18,14 @@ from smig.aim import procfs, reference
 from smig.aim.measure import Measurement, Measurer
 from smig.aim.reference import Manifest
 from smig.aim.report import SignedReport, load_private_key, verify_report
-from smig.errors import ManifestError
-from smig.lab import attacks
+from smig.errors import ManifestError, ProcessGone
+from smig.lab import attacks, ptrace
 from smig.lab.bare import bare_qemu
 from smig.model import HashAlgorithm, Verdict
 
 pytestmark = pytest.mark.qemu
 _SMIG = str(Path(sys.executable).parent / "smig")
+SYS_MPROTECT = 10  # x86-64
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +134,65 @@ def test_a_swapped_binary_is_caught_in_memory_and_on_disk(home: Path) -> None:
     assert [x.reason for x in result.mismatches if x.pid == 0] == ["file on disk differs from the reference"]
     with bare_qemu(marker_dir=home, binary=str(binary), env=modules) as pid:
         assert Measurer(manifest).measure([pid], files=True).verdict is Verdict.MATCH
+
+
+def test_code_is_hashed_in_its_page_cache_frames_and_a_page_cache_change_is_seen(home: Path) -> None:
+    # A private copy of libglib, loaded through LD_LIBRARY_PATH, so it can be edited in place.
+    libdir = home / "lib"
+    libdir.mkdir()
+    system_glib = next(p for p in reference.installed_qemu_files() if p.name.startswith("libglib-2.0.so"))
+    glib = libdir / "libglib-2.0.so.0"  # the name the loader looks for
+    shutil.copy2(system_glib, glib)
+    files = [glib, *(p for p in reference.installed_qemu_files() if p != system_glib)]
+    manifest = reference.build(files)
+    with bare_qemu(marker_dir=home, env={"LD_LIBRARY_PATH": str(libdir)}) as pid:
+        measurer = Measurer(manifest)
+        first = measurer.measure([pid])  # reading faults in code pages QEMU never ran yet
+        healthy = measurer.measure([pid])
+        m = attacks.code_mapping(pid, str(glib))
+        at = m.offset + attacks.inert_offset(pid, m, 1)
+        with glib.open("r+b", buffering=0) as f:  # a write to the file: no copy-on-write trace
+            original = os.pread(f.fileno(), 1, at)
+            os.pwrite(f.fileno(), bytes([original[0] ^ 0xFF]), at)
+        changed = measurer.measure([pid])
+        copied = Measurer(manifest, in_place=False).measure([pid])
+    assert first.verdict is Verdict.MATCH and healthy.verdict is Verdict.MATCH, healthy.mismatches
+    assert healthy.in_place_bytes > healthy.bytes // 2, "clean code is hashed where it lies"
+    for result in (changed, copied):
+        assert [x.reason for x in result.mismatches] == ["code differs from the reference"]
+        assert _hits(result, str(glib), at)
+    assert copied.in_place_bytes == 0 and changed.in_place_bytes > 0
+
+
+def test_code_made_execute_only_is_still_read(home: Path, manifest: Manifest) -> None:
+    # process_vm_readv cannot read a mapping without PROT_READ; the attacker's hope is a
+    # measurement that fails as if the process were gone. It must fall back and see the patch.
+    with bare_qemu(marker_dir=home) as pid:
+        record = attacks.patch(pid, "libglib-2.0")
+        m = attacks.code_mapping(pid, "libglib-2.0")
+        ptrace.remote_syscall(pid, SYS_MPROTECT, m.start, m.length, mmap.PROT_EXEC)
+        perms = next(x.perms for x in procfs.executable_mappings(pid) if x.start == m.start)
+        result = Measurer(manifest, cow_check=False).measure([pid])
+    assert perms.startswith("--x")
+    assert result.pids == (pid,) and not result.gone
+    assert _hits(result, record.path, record.offset, "code differs")
+
+
+def test_code_that_cannot_be_read_twice_in_a_live_process_is_a_mismatch(
+    manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def unmapped(pid: int, *_: object) -> None:
+        calls.append(pid)
+        raise ProcessGone(pid, "unmapped while read")
+
+    measurer = Measurer(manifest)
+    monkeypatch.setattr(measurer, "_measure_process", unmapped)
+    result = measurer.measure([os.getpid()])  # alive throughout, so not "gone"
+    assert calls == [os.getpid()] * 2, "one retry, for a module unloaded by chance"
+    assert result.verdict is Verdict.MISMATCH and not result.gone
+    assert [x.path for x in result.mismatches] == ["[process]"]
 
 
 def test_a_process_that_is_gone_is_no_mismatch(home: Path, manifest: Manifest) -> None:

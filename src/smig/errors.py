@@ -23,6 +23,11 @@ errors of the libraries they use at their boundary (``raise X(...) from e``)::
     ├── ManifestError             a reference manifest is missing, malformed or wrongly signed
     ├── ReportRejected            a monitor report is forged, replayed, out of order or stale
     └── AttackError               a lab attack could not be applied or undone
+    IVTError                      the Integrity Validation Table or its audit log failed
+    ├── StoreError                the store cannot be opened, read or written
+    ├── HostNotFound              no IVT row for that host
+    ├── HostExists                a host of that id is already enrolled
+    └── AuditChainBroken          the audit log's hash chain does not verify (``seq``: first bad)
 
 Each error carries structured fields (``vm``, ``host``) next to a message a person can act on.
 """
@@ -125,3 +130,27 @@ class ReportRejected(AIMError):
 
 class AttackError(AIMError):
     """A lab attack could not be applied, or could not be undone."""
+
+
+class IVTError(SmigError):
+    """The Integrity Validation Table or its audit log could not do what was asked."""
+
+
+class StoreError(IVTError):
+    """The IVT store cannot be opened, read or written (a file, a schema, a lock)."""
+
+
+class HostNotFound(IVTError):
+    """No IVT row for that host."""
+
+
+class HostExists(IVTError):
+    """A host of that id is already enrolled (re-enrol it instead)."""
+
+
+class AuditChainBroken(IVTError):
+    """The audit log's hash chain does not verify: ``seq`` is the first entry that is wrong."""
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(message)
+        self.seq = seq

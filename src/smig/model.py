@@ -241,3 +241,94 @@ class Report:
     targets: tuple[TargetDigest, ...]
     mismatches: tuple[Mismatch, ...]
     measured_bytes: int
+
+
+# -- the region: IVT rows, trust, placement ----------------------------------------------------
+
+
+class TrustState(StrEnum):
+    """A hypervisor host's trust, as its IVT row holds it (see docs/design: trust states).
+
+    ``ENROLLING → TRUSTED ⇄ SUSPECT → UNTRUSTED``; any state → ``UNKNOWN`` when no fresh verified
+    report arrives in time; ``MAINTENANCE`` is set by an operator. Only TRUSTED and fresh hosts
+    are migration targets; leaving UNTRUSTED takes an operator's re-enrolment.
+    """
+
+    ENROLLING = "enrolling"
+    TRUSTED = "trusted"
+    SUSPECT = "suspect"
+    UNTRUSTED = "untrusted"
+    UNKNOWN = "unknown"
+    MAINTENANCE = "maintenance"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """vCPUs and RAM: a host's capacity, its load, or what a VM needs."""
+
+    vcpus: int
+    memory_mib: int
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.vcpus + other.vcpus, self.memory_mib + other.memory_mib)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.vcpus - other.vcpus, self.memory_mib - other.memory_mib)
+
+    def fits_in(self, other: Resources) -> bool:
+        return self.vcpus <= other.vcpus and self.memory_mib <= other.memory_mib
+
+
+@dataclass(frozen=True)
+class VerifiedMeasurement:
+    """The last report the RC-TCB accepted about a host: when, by whom, and what it said."""
+
+    at: float  # the report's ended_at, Unix seconds
+    monitor: str
+    sequence: int
+    root: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class PlacedVM:
+    """A VM as the region sees it: where it runs and what placing it elsewhere must respect.
+
+    ``priority``: higher moves first and is placed first when capacity runs short.
+    ``anti_affinity``: VMs sharing a group name must not share a host ("" for none).
+    """
+
+    name: str
+    host: str
+    needs: Resources
+    priority: int = 0
+    anti_affinity: str = ""
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """One row of the Integrity Validation Table.
+
+    ``agent_key`` is the PEM of the host agent's Ed25519 public key (it signs the host's reports
+    on its subjects); ``manifest`` is the digest of the reference manifest the operator approved
+    for it. ``suspected_by`` holds the monitors whose mismatch reports are pending confirmation
+    (quorum policy); ``strikes`` counts this host's accusations that others contradicted.
+    """
+
+    host: str
+    region: str
+    address: str
+    agent_key: str
+    manifest: str
+    state: TrustState
+    state_since: float
+    capacity: Resources
+    load: Resources = Resources(0, 0)
+    verified: VerifiedMeasurement | None = None
+    suspected_by: tuple[str, ...] = ()
+    strikes: int = 0
+    enrolled_at: float = 0.0
+
+    @property
+    def verified_at(self) -> float | None:
+        return self.verified.at if self.verified is not None else None

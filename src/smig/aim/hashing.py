@@ -4,15 +4,22 @@ A target's digest is the hash of its leaf digests, and a host's root is the hash
 (target, digest) pairs: a Merkle tree two levels deep. Comparing leaves with the reference names
 the changed range to within one leaf, without the monitor ever holding the reference bytes.
 
-Memory is read in large sequential ``preadv`` calls into one reused buffer, so measuring hundreds
-of MB never copies them into Python objects.
+Bytes are read in batches of up to 4 MiB into two reused buffers, never into Python objects. Their
+leaves go into one queue that the hashing threads and the caller all take from (BLAKE3 and SHA-256
+release the GIL on 64 KiB inputs): the threads hash while the caller reads the next batch, and the
+caller hashes too once it has nothing left to read.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Protocol
 
 import blake3
 
@@ -20,6 +27,9 @@ from smig.model import HashAlgorithm
 
 LEAF_SIZE = 64 << 10
 READ_SIZE = 4 << 20
+DEFAULT_THREADS = min(2, os.cpu_count() or 1)
+
+Range = tuple[int, int]  # (start, length)
 
 
 def _leaf(algorithm: HashAlgorithm, data: memoryview | bytes) -> bytes:
@@ -41,46 +51,235 @@ def root(algorithm: HashAlgorithm, digests: Iterable[tuple[str, str]]) -> str:
     return combine(algorithm, (f"{t}\0{d}\n".encode() for t, d in sorted(digests))).hex()
 
 
-class Reader:
-    """Hashes ranges of a file descriptor (a file, or ``/proc/PID/mem``) with one reused buffer."""
+class Source(Protocol):
+    """Where bytes come from: fills ``view`` with the ``pieces``, back to back."""
 
-    def __init__(self, algorithm: HashAlgorithm, leaf_size: int = LEAF_SIZE, read_size: int = READ_SIZE) -> None:
-        if read_size % leaf_size:
-            raise ValueError("read_size must be a multiple of leaf_size")
-        self.algorithm = algorithm
-        self.leaf_size = leaf_size
-        self._buf = bytearray(read_size)
-        self.bytes_read = 0
+    def read(self, view: memoryview, pieces: Sequence[Range]) -> None: ...
 
-    def leaves(self, fd: int, start: int, length: int, *, pad: bool = False) -> list[bytes]:
-        """Leaf digests of ``length`` bytes at ``start``.
 
-        ``pad`` zero-fills past the end of a file, as the kernel does for the tail of a mapped
-        page. Without it a short read raises ``EOFError`` (a process's memory never reads short
-        unless the mapping went away).
-        """
-        view = memoryview(self._buf)
-        out = []
-        done = 0
-        while done < length:
-            want = min(len(self._buf), length - done)
+class FileSource:
+    """A file (or ``/proc/PID/mem``) read with ``preadv``.
+
+    ``pad`` zero-fills past the end of a file, as the kernel does for the tail of a mapped page.
+    Without it a short read raises ``EOFError``.
+    """
+
+    def __init__(self, fd: int, *, pad: bool = False) -> None:
+        self.fd = fd
+        self.pad = pad
+
+    def read(self, view: memoryview, pieces: Sequence[Range]) -> None:
+        at = 0
+        for start, length in pieces:
             got = 0
-            while got < want:
-                n = os.preadv(fd, [view[got:want]], start + done + got)
+            while got < length:
+                n = os.preadv(self.fd, [view[at + got : at + length]], start + got)
                 if n == 0:
                     break
                 got += n
-            if got < want:
-                if not pad:
-                    raise EOFError(f"short read at {start + done + got:#x}")
-                view[got:want] = bytes(want - got)
-            for i in range(0, want, self.leaf_size):
-                out.append(_leaf(self.algorithm, view[i : min(i + self.leaf_size, want)]))
-            done += want
-            self.bytes_read += want
-        return out
+            if got < length:
+                if not self.pad:
+                    raise EOFError(f"short read at {start + got:#x}")
+                view[at + got : at + length] = bytes(length - got)
+            at += length
+
+
+# One piece of a batch: (range index, offset in the range, length); offsets are leaf-aligned.
+_Piece = tuple[int, int, int]
+# One leaf to hash: (its bytes, range index, leaf index).
+_Job = tuple[memoryview, int, int]
+_CHUNK_LEAVES = 8  # leaves a thread takes from the queue at a time: 512 KiB, small enough to share
+
+
+def plan_batches(lengths: Sequence[int], leaf_size: int, batch_size: int) -> list[list[_Piece]]:
+    """Cut ranges of ``lengths`` into batches of at most ``batch_size`` bytes, at leaf boundaries.
+
+    A range may span batches and a batch may hold many ranges, so small mappings cost one read
+    between them, not one each.
+    """
+    batches: list[list[_Piece]] = [[]]
+    used = 0
+    for index, length in enumerate(lengths):
+        off = 0
+        while off < length:
+            rest = length - off
+            take = rest if rest <= batch_size - used else (batch_size - used) // leaf_size * leaf_size
+            if take == 0:
+                batches.append([])
+                used = 0
+                continue
+            batches[-1].append((index, off, take))
+            used += take
+            off += take
+    return [b for b in batches if b]
+
+
+class Reader:
+    """Hashes ranges of a source into leaf digests, reading and hashing in parallel.
+
+    One Reader serves one caller at a time. Its hashing threads are started by the first call, so
+    they inherit that thread's scheduling priority (the monitor's measuring thread runs niced).
+    """
+
+    def __init__(
+        self,
+        algorithm: HashAlgorithm,
+        leaf_size: int = LEAF_SIZE,
+        read_size: int = READ_SIZE,
+        *,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
+        if read_size % leaf_size:
+            raise ValueError("read_size must be a multiple of leaf_size")
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.algorithm = algorithm
+        self.leaf_size = leaf_size
+        self.read_size = read_size
+        self.threads = threads
+        self._buffers = (bytearray(read_size), bytearray(read_size))
+        self._pool: ThreadPoolExecutor | None = None
+        self._queue: collections.deque[tuple[list[_Job], list[list[bytes]]]] = collections.deque()
+        self._futures: list[Future[None]] = []
+        self._draining = 0  # hashing threads at work on the queue
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.worker_cpu_s = 0.0  # CPU time spent in the hashing threads, for the monitor's budget
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def leaves(self, fd: int, start: int, length: int, *, pad: bool = False) -> list[bytes]:
+        """Leaf digests of ``length`` bytes at ``start`` of file descriptor ``fd``."""
+        return self.hash_ranges(FileSource(fd, pad=pad), [(start, length)])[0]
 
     def file_digest(self, fd: int) -> str:
         """The digest of a whole file: the combination of its leaves."""
         size = os.fstat(fd).st_size
         return combine(self.algorithm, self.leaves(fd, 0, size, pad=True)).hex()
+
+    def hash_ranges(self, source: Source, ranges: Sequence[Range]) -> list[list[bytes]]:
+        """The leaf digests of each range, in order. Errors of ``source.read`` propagate."""
+        with self.batch(source) as batch:
+            for start, length in ranges:
+                batch.add_range(start, length)
+            return batch.finish()
+
+    def batch(self, source: Source) -> HashBatch:
+        """A pass that hashes views as they are added and ranges of ``source`` when it finishes."""
+        return HashBatch(self, source)
+
+    def _queue_jobs(self, jobs: list[_Job], out: list[list[bytes]]) -> None:
+        if not jobs:
+            return
+        chunk = max(1, min(_CHUNK_LEAVES, len(jobs) // (2 * self.threads)))
+        self._queue.extend((jobs[i : i + chunk], out) for i in range(0, len(jobs), chunk))
+        if self.threads == 1:
+            return
+        with self._lock:
+            idle = self.threads - 1 - self._draining
+            self._draining += idle
+        if idle:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="aim-hash")
+            self._futures += [self._pool.submit(self._drain, True) for _ in range(idle)]
+
+    def _finish(self) -> None:
+        """Hash on this thread until the queue is empty, then wait for the hashing threads."""
+        self._drain(False)
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
+
+    def _abandon(self) -> None:
+        """After an error: drop what is queued and let the threads stop before a buffer is reused."""
+        self._queue.clear()
+        wait(self._futures)
+        self._futures = []
+
+    def _drain(self, worker: bool) -> None:
+        cpu0 = time.thread_time()
+        algorithm = self.algorithm
+        while True:
+            try:
+                jobs, out = self._queue.popleft()
+            except IndexError:
+                if not worker:
+                    return
+                # Leave only under the lock the producer checks, so no queued leaf is stranded.
+                with self._lock:
+                    if self._queue:
+                        continue
+                    self._draining -= 1
+                    self.worker_cpu_s += time.thread_time() - cpu0  # the caller's is on its own clock
+                    return
+            for data, r, i in jobs:
+                out[r][i] = _leaf(algorithm, data)
+
+
+class HashBatch:
+    """One pass of a Reader: add views (hashed where they lie) and ranges (read from the source),
+    then ``finish`` hashes them all and returns every leaf list in the order they were added.
+
+    Nothing is hashed before ``finish``: while the caller runs Python code to decide what to add,
+    a hashing thread would wait for the GIL after every leaf, so overlapping the two loses time.
+    Use it as a context manager so an error leaves the Reader ready for the next pass.
+    """
+
+    def __init__(self, reader: Reader, source: Source) -> None:
+        self._reader = reader
+        self._source = source
+        self._results: list[list[bytes]] = []
+        self._ranges: list[tuple[int, int, int]] = []  # (result index, start, length)
+        self._views: list[_Job] = []
+
+    def __enter__(self) -> HashBatch:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:
+            self._reader._abandon()
+
+    def _slot(self, length: int) -> int:
+        self._results.append([b""] * (-(-length // self._reader.leaf_size)))
+        return len(self._results) - 1
+
+    def add_view(self, view: memoryview) -> int:
+        """Hash ``view`` where it lies; returns its index in ``finish``'s result."""
+        leaf = self._reader.leaf_size
+        index = self._slot(len(view))
+        self._reader._queue_jobs(
+            [(view[i : i + leaf], index, i // leaf) for i in range(0, len(view), leaf)], self._results
+        )
+        self._reader.bytes_read += len(view)
+        return index
+
+    def add_range(self, start: int, length: int) -> int:
+        """Read ``length`` bytes at ``start`` from the source at ``finish``; returns its index."""
+        index = self._slot(length)
+        self._ranges.append((index, start, length))
+        return index
+
+    def finish(self) -> list[list[bytes]]:
+        reader = self._reader
+        leaf = reader.leaf_size
+        batches = plan_batches([length for _, _, length in self._ranges], leaf, reader.read_size)
+        reader._queue_jobs(self._views, self._results)  # hashed while the ranges are read
+        for k, batch in enumerate(batches):
+            if k >= len(reader._buffers):
+                reader._finish()  # every leaf queued so far is hashed: the buffer can be reused
+            view = memoryview(reader._buffers[k % len(reader._buffers)])
+            self._source.read(view, [(self._ranges[r][1] + off, n) for r, off, n in batch])
+            jobs: list[_Job] = []
+            at = 0
+            for r, off, n in batch:
+                index = self._ranges[r][0]
+                for i in range(0, n, leaf):
+                    jobs.append((view[at + i : at + min(i + leaf, n)], index, (off + i) // leaf))
+                at += n
+                reader.bytes_read += n
+            reader._queue_jobs(jobs, self._results)
+        reader._finish()
+        return self._results

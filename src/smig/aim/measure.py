@@ -22,7 +22,7 @@ A process that exits while it is measured is no mismatch: it is dropped from thi
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import time
 from collections.abc import Iterable
@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smig.aim import procfs
-from smig.aim.hashing import Reader, combine, root
+from smig.aim.hashing import DEFAULT_THREADS, Reader, combine, root
 from smig.aim.procfs import PAGE, MemoryMapping
 from smig.aim.reference import Manifest
+from smig.aim.shadow import Shadow
 from smig.errors import ProcessGone
 from smig.model import Mismatch, TargetDigest, Verdict
 
@@ -52,6 +53,7 @@ class Measurement:
     pids: tuple[int, ...]
     gone: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
+    in_place_bytes: int = 0  # of ``bytes``, hashed in the page-cache frames themselves, not copied
 
 
 @dataclass
@@ -77,15 +79,40 @@ class Measurer:
 
     ``cow_check`` adds the copy-on-write signal; ``share_clean`` lets a round hash a clean
     file-backed mapping (no private pages) once for every process that maps the same inode range,
-    since all of them read the same page-cache pages.
+    since all of them read the same page-cache pages. ``threads`` hash leaves in parallel.
+    ``in_place`` hashes a clean code mapping from the monitor's own mapping of the same file when
+    the frame numbers prove they are the same physical pages (see ``smig.aim.shadow``).
     """
 
-    def __init__(self, manifest: Manifest, *, cow_check: bool = True, share_clean: bool = True) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        cow_check: bool = True,
+        share_clean: bool = True,
+        threads: int = DEFAULT_THREADS,
+        in_place: bool = True,
+    ) -> None:
         self.manifest = manifest
         self.cow_check = cow_check
         self.share_clean = share_clean
-        self._reader = Reader(manifest.algorithm, manifest.leaf_size)
+        self._shadow = Shadow() if in_place else None
+        self._wants_pagemap = cow_check or share_clean or in_place
+        self._in_place_bytes = 0
+        self._reader = Reader(manifest.algorithm, manifest.leaf_size, threads=threads)
         self._file_cache: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    @property
+    def worker_cpu_s(self) -> float:
+        """CPU time spent so far in the hashing threads (the caller's own time not included)."""
+        return self._reader.worker_cpu_s
+
+    def close(self) -> None:
+        """Stop the hashing threads and drop the in-place mappings; the Measurer is done."""
+        self._reader.close()
+        if self._shadow is not None:
+            self._shadow.close()
+            self._shadow = None
 
     # -- processes -------------------------------------------------------------------------
 
@@ -93,15 +120,14 @@ class Measurer:
         """Measure the processes ``pids`` and, with ``files``, the manifest's files under ``file_root``."""
         t0 = time.perf_counter()
         start_bytes = self._reader.bytes_read
+        self._in_place_bytes = 0
         total = _Round()
         measured: list[int] = []
         gone: list[int] = []
         shared: dict[tuple[str, int, int, int], str] = {}
         for pid in pids:
-            one = _Round()
-            try:
-                self._measure_process(pid, one, shared)
-            except ProcessGone:
+            one = self._measure_or_gone(pid, shared)
+            if one is None:
                 gone.append(pid)
                 continue
             measured.append(pid)
@@ -120,22 +146,41 @@ class Measurer:
             pids=tuple(measured),
             gone=tuple(gone),
             notes=tuple(dict.fromkeys(total.notes)),
+            in_place_bytes=self._in_place_bytes,
         )
 
+    def _measure_or_gone(self, pid: int, shared: dict[tuple[str, int, int, int], str]) -> _Round | None:
+        """One process's round, or None if it exited meanwhile.
+
+        A process that is still there after its code could not be read unmapped code as it was
+        read. That happens by chance (a module unloaded); twice in a row it is a way to hide from
+        the monitor, and is a mismatch.
+        """
+        started = procfs.start_time(pid)
+        for _ in range(2):
+            one = _Round()
+            try:
+                self._measure_process(pid, one, shared)
+                return one
+            except ProcessGone:
+                if started is None or procfs.start_time(pid) != started:
+                    return None
+        hidden = Mismatch("[process]", 0, 0, "code could not be read: unmapped while measured, twice", pid)
+        return _Round(mismatches=[hidden])
+
     def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:
-        maps = procfs.read_maps(pid)
+        maps = procfs.read_maps(pid, executable_only=True)
         # QEMU allocates the TCG buffer before it loads the accelerator module, so a process just
         # starting may hold the buffer without the module: then it must at least not be using KVM.
         tcg_buffers = 1 if procfs.uses_tcg(maps) or not procfs.uses_kvm(pid) else 0
-        try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        except (FileNotFoundError, ProcessLookupError) as e:
-            raise ProcessGone(pid) from e
-        pagemap = procfs.PageMap(pid) if self.cow_check or self.share_clean else None
-        try:
+        # Decide what to hash (clean code in place, the rest copied in batches), hash it all in one
+        # pass on every thread, then judge, which needs every digest.
+        todo: list[tuple[MemoryMapping, str, list[int]]] = []
+        with contextlib.ExitStack() as stack:
+            memory = stack.enter_context(procfs.ProcessMemory(pid))
+            pagemap = stack.enter_context(procfs.PageMap(pid)) if self._wants_pagemap else None
+            batch = stack.enter_context(self._reader.batch(memory))
             for m in maps:
-                if not m.executable:
-                    continue
                 name = m.path or "[anon]"
                 target = f"{pid}:{name}@{m.offset:#x}+{m.length:#x}"
                 if m.path == "[vsyscall]":
@@ -147,42 +192,48 @@ class Measurer:
                         tcg_buffers -= 1
                         out.notes.append("TCG translated-code buffer present: generated code, not hashed")
                         continue
-                    digest = self._hash(pid, fd, m)
-                    out.targets.append(TargetDigest(target, digest))
                     out.mismatches.append(
                         Mismatch("[anon]", m.start, m.length, "anonymous executable memory (address, not offset)", pid)
                     )
-                    continue
-                private = pagemap.private_pages(m) if pagemap is not None and not m.kernel_page else []
-                clean = not private
-                key = (m.device, m.inode, m.offset, m.length)
-                if self.share_clean and clean and not m.kernel_page and key in shared:
-                    out.targets.append(TargetDigest(target, shared[key]))
-                    continue
-                leaves = self._leaves(pid, fd, m)
-                digest = combine(self.manifest.algorithm, leaves).hex()
-                out.targets.append(TargetDigest(target, digest))
-                if m.kernel_page:
-                    accepted = self.manifest.kernel_pages.get(m.path, ())
-                    if digest not in accepted:
-                        out.mismatches.append(
-                            Mismatch(m.path, 0, m.length, "kernel page differs from the reference kernel's", pid)
-                        )
-                    continue
-                ok = self._judge_module(pid, m, leaves, out)
-                if ok and clean:
-                    shared[key] = digest
-                if self.cow_check:
-                    for first, count in _runs(private):
-                        out.mismatches.append(
-                            Mismatch(
-                                m.path, m.offset + first * PAGE, count * PAGE, "code page written (copy-on-write)", pid
-                            )
-                        )
-        finally:
-            os.close(fd)
-            if pagemap is not None:
-                pagemap.close()
+                private: list[int] = []
+                view = None
+                if pagemap is not None and not m.anonymous and not m.kernel_page:
+                    entries = pagemap.entries(m)
+                    private = procfs.private_pages(entries)
+                    if self.share_clean and not private and (m.device, m.inode, m.offset, m.length) in shared:
+                        out.targets.append(TargetDigest(target, shared[(m.device, m.inode, m.offset, m.length)]))
+                        continue
+                    if self._shadow is not None and not private:
+                        view = self._shadow.view(pid, m, entries)
+                if view is not None:
+                    batch.add_view(view)
+                    self._in_place_bytes += len(view)
+                else:
+                    batch.add_range(m.start, m.length)
+                todo.append((m, target, private))
+            try:
+                all_leaves = batch.finish()
+            except EOFError as e:
+                # The process unmapped a range as we read it, or exited: either way not a mismatch.
+                raise ProcessGone(pid, f"process {pid} exited or unmapped code while it was measured") from e
+        for (m, target, private), leaves in zip(todo, all_leaves, strict=True):
+            digest = combine(self.manifest.algorithm, leaves).hex()
+            out.targets.append(TargetDigest(target, digest))
+            if m.anonymous and not m.kernel_page:
+                continue  # already a mismatch; its digest is evidence
+            if m.kernel_page:
+                if digest not in self.manifest.kernel_pages.get(m.path, ()):
+                    out.mismatches.append(
+                        Mismatch(m.path, 0, m.length, "kernel page differs from the reference kernel's", pid)
+                    )
+                continue
+            ok = self._judge_module(pid, m, leaves, out)
+            if ok and not private:
+                shared[(m.device, m.inode, m.offset, m.length)] = digest
+            if self.cow_check:
+                for first, count in _runs(private):
+                    at, length = m.offset + first * PAGE, count * PAGE
+                    out.mismatches.append(Mismatch(m.path, at, length, "code page written (copy-on-write)", pid))
 
     def _judge_module(self, pid: int, m: MemoryMapping, leaves: list[bytes], out: _Round) -> bool:
         module = self.manifest.modules.get(m.path)
@@ -203,20 +254,6 @@ class Measurer:
                 Mismatch(m.path, m.offset + first * leaf, length, "code differs from the reference", pid)
             )
         return not differ
-
-    def _leaves(self, pid: int, fd: int, m: MemoryMapping) -> list[bytes]:
-        try:
-            return self._reader.leaves(fd, m.start, m.length)
-        except (EOFError, OSError) as e:
-            # The process exited, or unmapped this range as we read it: either way not a mismatch.
-            if isinstance(e, OSError) and e.errno not in (errno.EIO, errno.ESRCH, errno.ENOENT, errno.EFAULT):
-                raise
-            raise ProcessGone(
-                pid, f"process {pid} exited or unmapped {m.path or '[anon]'} while it was measured"
-            ) from e
-
-    def _hash(self, pid: int, fd: int, m: MemoryMapping) -> str:
-        return combine(self.manifest.algorithm, self._leaves(pid, fd, m)).hex()
 
     # -- files on disk ---------------------------------------------------------------------
 

@@ -95,6 +95,7 @@ class Monitor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._measurer.close()
 
     def _next_sequence(self) -> int:
         self._sequence += 1
@@ -102,7 +103,7 @@ class Monitor:
 
     def measure_once(self, subject: Subject) -> Observation:
         """Measure ``subject`` now (blocking) and return the signed report."""
-        cpu0 = time.thread_time()
+        cpu0 = time.thread_time() + self._measurer.worker_cpu_s
         started = self._clock()
         pids = subject.find_pids()
         m = self._measurer.measure(pids, files=subject.files, file_root=subject.file_root(pids))
@@ -120,7 +121,8 @@ class Monitor:
             mismatches=m.mismatches[:MAX_MISMATCHES_REPORTED],
             measured_bytes=m.bytes,
         )
-        return Observation(sign_report(report, self._key), report, m, time.thread_time() - cpu0)
+        signed = sign_report(report, self._key)
+        return Observation(signed, report, m, time.thread_time() + self._measurer.worker_cpu_s - cpu0)
 
     async def run(
         self,

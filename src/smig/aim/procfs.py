@@ -8,8 +8,11 @@ stands for the out-of-band access a real neighbour has (BMC, DMA, a TPM-anchored
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +58,19 @@ class MemoryMapping:
         return self.path in KERNEL_PAGES
 
 
-def parse_maps(text: str) -> list[MemoryMapping]:
-    """Parse the text of ``/proc/PID/maps``; lines that do not parse are skipped."""
+_EXECUTABLE_LINE = re.compile(r"^[0-9a-f]+-[0-9a-f]+ [-r][-w]x.*$", re.MULTILINE)
+
+
+def parse_maps(text: str, *, executable_only: bool = False) -> list[MemoryMapping]:
+    """Parse the text of ``/proc/PID/maps``; lines that do not parse are skipped.
+
+    ``executable_only`` picks the code lines out with one regular-expression scan before parsing
+    them, which is most of the cost: a QEMU process has a few hundred mappings and about fifty are
+    code.
+    """
     out = []
-    for line in text.splitlines():
+    lines = _EXECUTABLE_LINE.findall(text) if executable_only else text.splitlines()
+    for line in lines:
         m = _LINE.match(line)
         if m is None:
             continue
@@ -81,20 +93,104 @@ def parse_maps(text: str) -> list[MemoryMapping]:
     return out
 
 
-def read_maps(pid: int) -> list[MemoryMapping]:
+def read_maps(pid: int, *, executable_only: bool = False) -> list[MemoryMapping]:
     """The mappings of ``pid``.
 
     Raises:
         ProcessGone: the process does not exist (any more).
     """
     try:
-        return parse_maps(Path(f"/proc/{pid}/maps").read_text())
+        return parse_maps(Path(f"/proc/{pid}/maps").read_text(), executable_only=executable_only)
     except (FileNotFoundError, ProcessLookupError) as e:
         raise ProcessGone(pid) from e
 
 
 def executable_mappings(pid: int) -> list[MemoryMapping]:
-    return [m for m in read_maps(pid) if m.executable]
+    return read_maps(pid, executable_only=True)
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_vm_readv = _libc.process_vm_readv
+_vm_readv.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(_IOVec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_IOVec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_vm_readv.restype = ctypes.c_ssize_t
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+class ProcessMemory:
+    """Another process's memory, read with ``process_vm_readv``: one system call for many ranges,
+    straight into the caller's buffer, about 1.6x faster than ``/proc/PID/mem`` here.
+
+    ``process_vm_readv`` honours page protections, so a mapping made execute-only (``--x``) fails
+    with EFAULT. Such a batch is read again through ``/proc/PID/mem``, which the kernel lets a
+    tracer-privileged reader see whatever the protections: hiding code by taking away its read
+    permission hides nothing. A range that cannot be read either way was unmapped or the process
+    exited: ``EOFError`` or ``ProcessGone``.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise ProcessGone(pid) from e
+        self.fallbacks = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> ProcessMemory:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def read(self, view: memoryview, pieces: Sequence[tuple[int, int]]) -> None:
+        total = sum(n for _, n in pieces)
+        if total > len(view):
+            raise ValueError("the pieces do not fit the buffer")
+        if pieces and len(pieces) <= IOV_MAX and self._vm_readv(view, pieces, total) == total:
+            return
+        self.fallbacks += 1
+        at = 0
+        for start, length in pieces:
+            got = 0
+            while got < length:
+                try:
+                    n = os.preadv(self.fd, [view[at + got : at + length]], start + got)
+                except OSError as e:
+                    if e.errno in (errno.EIO, errno.ESRCH, errno.ENOENT, errno.EFAULT):
+                        raise ProcessGone(self.pid) from e
+                    raise
+                if n == 0:
+                    raise EOFError(f"process {self.pid}: short read at {start + got:#x}")
+                got += n
+            at += length
+
+    def _vm_readv(self, view: memoryview, pieces: Sequence[tuple[int, int]], total: int) -> int:
+        local = _IOVec(ctypes.addressof(ctypes.c_char.from_buffer(view)), total)
+        remote = (_IOVec * len(pieces))(*(_IOVec(start, length) for start, length in pieces))
+        n = _vm_readv(self.pid, ctypes.byref(local), 1, remote, len(pieces), 0)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.ESRCH:
+                raise ProcessGone(self.pid)
+            return -1  # EFAULT (unmapped or unreadable), EPERM...: let /proc/PID/mem decide
+        return int(n)
+
+
+# Top byte of a pagemap entry: 0x80 present, 0x40 swapped, 0x20 file page or shared anonymous.
+_PRIVATE_FLAGS = bytes(1 if (b & 0xA0) == 0x80 or b & 0x40 else 0 for b in range(256))
 
 
 class PageMap:
@@ -122,15 +218,42 @@ class PageMap:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def private_pages(self, mapping: MemoryMapping) -> list[int]:
-        """Page indexes (from the mapping's start) that are private copies."""
-        pages = mapping.length // PAGE
+    def entries(self, mapping: MemoryMapping) -> bytes:
+        """The raw 64-bit entries of the mapping's pages."""
         try:
-            data = os.pread(self._fd, pages * 8, (mapping.start // PAGE) * 8)
+            return os.pread(self._fd, mapping.length // PAGE * 8, (mapping.start // PAGE) * 8)
         except OSError as e:
             raise ProcessGone(self.pid) from e
-        entries = memoryview(data).cast("Q")
-        return [i for i, e in enumerate(entries) if (e >> 63 & 1 and not e >> 61 & 1) or e >> 62 & 1]
+
+    def private_pages(self, mapping: MemoryMapping) -> list[int]:
+        """Page indexes (from the mapping's start) that are private copies."""
+        return private_pages(self.entries(mapping))
+
+
+def private_pages(entries: bytes) -> list[int]:
+    """Indexes of the pagemap ``entries`` that are private copies."""
+    # The flags live in each little-endian entry's top byte; classify all the top bytes at C
+    # speed and look only at the (usually no) private ones.
+    marks = entries[7::8].translate(_PRIVATE_FLAGS)
+    out = []
+    i = marks.find(1)
+    while i >= 0:
+        out.append(i)
+        i = marks.find(1, i + 1)
+    return out
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot: with the PID it names one process for good.
+
+    None if there is no such process or it has exited and waits to be reaped (a zombie).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def process_name(pid: int) -> str:

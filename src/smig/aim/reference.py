@@ -207,6 +207,23 @@ def own_vdso(reader: Reader) -> str | None:
     return None
 
 
+def _hash_file(reader: Reader, path: Path) -> tuple[str, ModuleRef | None]:
+    """A file's whole digest and, for an ELF file with code, its segments' leaves."""
+    try:
+        with path.open("rb", buffering=0) as f:
+            digest = reader.file_digest(f.fileno())
+            if not elf.is_elf(path):
+                return digest, None
+            segments = []
+            for seg in elf.executable_segments(path):
+                leaves = reader.leaves(f.fileno(), seg.offset, seg.length, pad=True)
+                whole = combine(reader.algorithm, leaves).hex()
+                segments.append(SegmentRef(seg.offset, seg.length, whole, tuple(x.hex() for x in leaves)))
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror or e}") from e
+    return digest, (ModuleRef(str(path), tuple(segments)) if segments else None)
+
+
 def build(
     files: Iterable[Path], *, algorithm: HashAlgorithm = HashAlgorithm.BLAKE3, leaf_size: int = LEAF_SIZE
 ) -> Manifest:
@@ -218,24 +235,14 @@ def build(
     reader = Reader(algorithm, leaf_size)
     modules: dict[str, ModuleRef] = {}
     digests: dict[str, str] = {}
-    for path in _unique(files):
-        try:
-            with path.open("rb", buffering=0) as f:
-                digests[str(path)] = reader.file_digest(f.fileno())
-                if elf.is_elf(path):
-                    segments = []
-                    for seg in elf.executable_segments(path):
-                        leaves = reader.leaves(f.fileno(), seg.offset, seg.length, pad=True)
-                        segments.append(
-                            SegmentRef(
-                                seg.offset, seg.length, combine(algorithm, leaves).hex(), tuple(x.hex() for x in leaves)
-                            )
-                        )
-                    if segments:
-                        modules[str(path)] = ModuleRef(str(path), tuple(segments))
-        except OSError as e:
-            raise ManifestError(f"cannot read {path}: {e.strerror or e}") from e
-    vdso = own_vdso(reader)
+    try:
+        for path in _unique(files):
+            digests[str(path)], module = _hash_file(reader, path)
+            if module is not None:
+                modules[str(path)] = module
+        vdso = own_vdso(reader)
+    finally:
+        reader.close()
     return Manifest(
         algorithm=algorithm,
         leaf_size=leaf_size,

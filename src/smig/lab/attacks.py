@@ -68,12 +68,10 @@ class AttackRecord:
 
 
 def _start_time(pid: int) -> int:
-    """The process's start time in clock ticks: with the PID, it names one process for good."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError) as e:
-        raise AttackError(f"no process with PID {pid}") from e
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    started = procfs.start_time(pid)
+    if started is None:
+        raise AttackError(f"no process with PID {pid}")
+    return started
 
 
 def _new_id(kind: str) -> str:
