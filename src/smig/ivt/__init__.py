@@ -1,0 +1,1 @@
+"""The Integrity Validation Table: one row per hypervisor host, and the hash-chained audit log."""
