@@ -38,6 +38,7 @@ from smig.errors import ProcessGone
 from smig.model import Mismatch, TargetDigest, Verdict
 
 VSYSCALL = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
+RETRY_PAUSES_S = (0.01, 0.05)  # between attempts at a live process whose code could not be read
 
 
 @dataclass(frozen=True)
@@ -153,11 +154,12 @@ class Measurer:
         """One process's round, or None if it exited meanwhile.
 
         A process that is still there after its code could not be read unmapped code as it was
-        read. That happens by chance (a module unloaded); twice in a row it is a way to hide from
-        the monitor, and is a mismatch.
+        read. That happens by chance (the loader of a process just started, a module unloaded), so
+        it is tried again after a pause; failing every time is a way to hide from the monitor, and
+        is a mismatch.
         """
         started = procfs.start_time(pid)
-        for _ in range(2):
+        for pause in (*RETRY_PAUSES_S, None):
             one = _Round()
             try:
                 self._measure_process(pid, one, shared)
@@ -165,7 +167,9 @@ class Measurer:
             except ProcessGone:
                 if started is None or procfs.start_time(pid) != started:
                     return None
-        hidden = Mismatch("[process]", 0, 0, "code could not be read: unmapped while measured, twice", pid)
+            if pause is not None:
+                time.sleep(pause)
+        hidden = Mismatch("[process]", 0, 0, "code could not be read: unmapped each time it was measured", pid)
         return _Round(mismatches=[hidden])
 
     def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:

@@ -243,17 +243,23 @@ def private_pages(entries: bytes) -> list[int]:
     return out
 
 
+PF_EXITING = 0x4  # the kernel is tearing the process down (include/linux/sched.h)
+
+
 def start_time(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks since boot: with the PID it names one process for good.
 
-    None if there is no such process or it has exited and waits to be reaped (a zombie).
+    None if there is no such process, or it is exiting: its memory may already be gone while it
+    is not yet a zombie, and a zombie has none.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    if fields[0] in ("Z", "X") or int(fields[6]) & PF_EXITING:
+        return None
+    return int(fields[19])
 
 
 def process_name(pid: int) -> str:

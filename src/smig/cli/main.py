@@ -6,7 +6,7 @@ import typer
 
 from smig import __version__
 from smig.cli import accel as accel_cmd
-from smig.cli import aim, attack, demo, image, vm
+from smig.cli import aim, attack, demo, image, ivt, vm
 from smig.cli.common import setup_logging
 
 app = typer.Typer(
@@ -27,6 +27,8 @@ app.command("monitor")(aim.monitor)
 app.add_typer(attack.app, name="attack")
 app.command("accel")(accel_cmd.accel)
 app.command("demo")(demo.demo)
+app.command("ivt")(ivt.ivt)
+app.add_typer(ivt.audit_app, name="audit")
 
 
 def _version(value: bool) -> None:
