@@ -196,3 +196,27 @@ def test_enrolment_refuses_a_second_row_and_a_key_that_is_not_one(lab: Lab) -> N
     with pytest.raises(ConfigError, match="cannot enrol 'h5'"):
         lab.region.enroll("h5", agent_key="not a key", manifest="m", capacity=Resources(1, 1), now=T0)
     assert [r.host for r in lab.store.hosts()] == list(HOSTS)
+
+
+def test_a_batch_is_judged_in_order_and_lands_in_one_transaction(lab: Lab) -> None:
+    first = lab.monitor_of("h2")
+    second = lab.monitor_of("h2", other_than=first)
+    good = lab.report(first, "h2", Verdict.MISMATCH)
+    batch = [
+        sign_report(good, lab.keys[first]),
+        sign_report(good, lab.keys[first]),  # the same report again, inside the batch: a replay
+        sign_report(lab.report(second, "h2", Verdict.MISMATCH), lab.keys[second]),
+        sign_report(lab.report(second, "h1"), lab.keys[second]),
+    ]
+    entries = lab.store.verify_audit()
+    results = lab.region.ingest_batch(batch, T0, agent=first)
+    # Over `first`'s connection only `first`'s reports count.
+    assert [r.reason for r in results] == ["", "replayed", "wrong-agent", "wrong-agent"]
+    assert lab.store.get("h2").state is TrustState.SUSPECT
+    assert lab.store.last_sequence(first, "h2") == good.sequence
+    results = lab.region.ingest_batch(batch[2:], T0)  # no agent named: the RC-TCB's own path
+    assert [r.reason for r in results] == ["", ""]
+    assert lab.store.get("h2").state is TrustState.UNTRUSTED
+    kinds = [e.kind for e in lab.store.audit_entries(since=entries)]
+    assert kinds.count("report.accepted") == 3 and kinds.count("report.rejected") == 3
+    assert lab.store.verify_audit() == entries + len(kinds)

@@ -70,13 +70,33 @@ class Decision:
     effects: tuple[Effect, ...]
 
 
+@dataclass(frozen=True)
+class ReportResult:
+    """One report of a batch: ``report`` when it counted, else ``reason`` and ``message`` say why
+    not (the reasons of :func:`~smig.aim.report.verify_report`, and ``"wrong-agent"``)."""
+
+    report: Report | None
+    monitor: str
+    reason: str = ""
+    message: str = ""
+    effects: tuple[Effect, ...] = ()
+    rows: Mapping[str, HostRecord] = field(default_factory=dict)
+
+
 class _Sequences(Mapping[tuple[str, str], int]):
-    """The last accepted sequences, read from the store only for the pair a report names."""
+    """The last accepted sequences: those of this batch over those in the store, which is read
+    only for the pair a report names."""
 
     def __init__(self, store: IVTStore) -> None:
         self._store = store
+        self.accepted: dict[tuple[str, str], int] = {}
+
+    def accept(self, monitor: str, subject: str, sequence: int) -> None:
+        self.accepted[(monitor, subject)] = sequence
 
     def __getitem__(self, key: tuple[str, str]) -> int:
+        if key in self.accepted:
+            return self.accepted[key]
         value = self._store.last_sequence(*key)
         if value is None:
             raise KeyError(key)
@@ -87,6 +107,42 @@ class _Sequences(Mapping[tuple[str, str], int]):
 
     def __len__(self) -> int:
         raise TypeError("the last sequences are looked up one pair at a time")
+
+
+class _Keys(Mapping[str, Ed25519PublicKey]):
+    """Monitors' public keys, parsed from their rows when first asked for (and cached)."""
+
+    def __init__(self, region: Region, rows: Mapping[str, HostRecord]) -> None:
+        self._region = region
+        self._rows = rows
+
+    def __getitem__(self, host: str) -> Ed25519PublicKey:
+        return self._region._key(self._rows[host])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def _assign(rows: Mapping[str, HostRecord], k: int) -> dict[str, tuple[str, ...]]:
+    distrusted = [h for h, row in rows.items() if row.state is not TrustState.TRUSTED]
+    return assign_monitors(rows, k, not_monitors=distrusted)
+
+
+def _accepted_body(report: Report) -> dict[str, object]:
+    return {
+        "monitor": report.monitor,
+        "sequence": report.sequence,
+        "verdict": report.verdict.value,
+        "root": report.root,
+        "mismatches": len(report.mismatches),
+    }
+
+
+def _effect_subject(effect: Effect) -> str:
+    return str(getattr(effect, "host", None) or getattr(effect, "subject", None) or "")
 
 
 def _effect_body(effect: Effect) -> dict[str, object]:
@@ -107,6 +163,7 @@ class Region:
         self._lock = threading.RLock()
         self._rows = {row.host: row for row in store.hosts()}
         self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
+        self._assigned: dict[str, tuple[str, ...]] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -117,8 +174,9 @@ class Region:
     def assignment(self) -> dict[str, tuple[str, ...]]:
         """Each host's monitors: the ring over every host, stitched around those not TRUSTED."""
         with self._lock:
-            distrusted = [h for h, row in self._rows.items() if row.state is not TrustState.TRUSTED]
-            return assign_monitors(self._rows, self.config.monitors_per_host, not_monitors=distrusted)
+            if self._assigned is None:
+                self._assigned = _assign(self._rows, self.config.monitors_per_host)
+            return self._assigned
 
     def _key(self, row: HostRecord) -> Ed25519PublicKey:
         cached = self._keys.get(row.host)
@@ -169,6 +227,7 @@ class Region:
                 raise HostExists(f"host {host!r} is already enrolled; re-enrol it to start over", host=host)
             self.store.enroll(row)
             self._rows[host] = row
+            self._assigned = None
             if not vouched:
                 return self._apply(Enrolled(host, now), now)
             effects: tuple[Effect, ...] = (Restitch(f"{host} enrolled, vouched for by the operator"),)
@@ -178,35 +237,74 @@ class Region:
             return Decision({host: row}, effects)
 
     def ingest(self, signed: SignedReport, now: float) -> tuple[Report, Decision]:
-        """Verify a signed report and let it count. On refusal the audit log records why and
+        """Verify one signed report and let it count. On refusal the audit log records why and
         :class:`~smig.errors.ReportRejected` is raised; nothing else changes."""
+        result = self.ingest_batch([signed], now)[0]
+        if result.report is None:
+            raise ReportRejected(result.reason, result.message, host=result.monitor)
+        return result.report, Decision(result.rows, result.effects)
+
+    def ingest_batch(
+        self, batch: Sequence[SignedReport], now: float, *, agent: str | None = None
+    ) -> list[ReportResult]:
+        """Verify and decide on every report of ``batch`` in order, then commit them all at once.
+
+        Each report is judged against the state the reports before it left (so a replay inside
+        one batch is caught), but the store sees one transaction: a batch lands whole or not at
+        all. ``agent`` is the identity of the connection the batch came over; a report signed by
+        another monitor is refused ("wrong-agent") so that one host cannot submit another's.
+        """
         with self._lock:
-            keys = {h: self._key(r) for h, r in self._rows.items()}
-            try:
-                report = verify_report(
-                    signed,
-                    keys=keys,
-                    assigned=self.assignment(),
-                    last_sequence=_Sequences(self.store),
-                    now=now,
-                    max_age_s=self.config.max_age_s,
-                    max_skew_s=self.config.max_skew_s,
+            rows = dict(self._rows)
+            assigned = self.assignment()
+            sequences = _Sequences(self.store)
+            keys = _Keys(self, rows)
+            changed: dict[str, HostRecord] = {}
+            audit: list[tuple[str, str, Mapping[str, object]]] = []
+            results: list[ReportResult] = []
+            for signed in batch:
+                try:
+                    if agent is not None and signed.key_id != agent:
+                        raise ReportRejected(
+                            "wrong-agent",
+                            f"a report signed as monitor {signed.key_id!r} came over the connection of agent "
+                            f"{agent!r}; an agent submits only its own reports",
+                            host=agent,
+                        )
+                    report = verify_report(
+                        signed,
+                        keys=keys,
+                        assigned=assigned,
+                        last_sequence=sequences,
+                        now=now,
+                        max_age_s=self.config.max_age_s,
+                        max_skew_s=self.config.max_skew_s,
+                    )
+                except ReportRejected as e:
+                    audit.append(("report.rejected", e.host or "", {"reason": e.reason, "message": e.message}))
+                    results.append(ReportResult(None, e.host or signed.key_id, e.reason, e.message))
+                    continue
+                event = Verified(
+                    report.subject, report.monitor, report.verdict, report.ended_at, report.sequence, report.root
                 )
-            except ReportRejected as e:
-                with self.store.transaction() as tx:
-                    tx.audit("report.rejected", e.host or "", {"reason": e.reason, "message": e.message}, now)
-                raise
-            event = Verified(
-                report.subject, report.monitor, report.verdict, report.ended_at, report.sequence, report.root
-            )
-            accepted = {
-                "monitor": report.monitor,
-                "sequence": report.sequence,
-                "verdict": report.verdict.value,
-                "root": report.root,
-                "mismatches": len(report.mismatches),
-            }
-            return report, self._apply(event, now, report=accepted)
+                outcome = decide(rows, event, self.config.policy, assigned)
+                rows.update(outcome.rows)
+                changed.update(outcome.rows)
+                sequences.accept(report.monitor, report.subject, report.sequence)
+                audit.append(("report.accepted", report.subject, _accepted_body(report)))
+                audit += [(_effect_kind(e), _effect_subject(e), _effect_body(e)) for e in outcome.effects]
+                results.append(ReportResult(report, report.monitor, effects=outcome.effects, rows=outcome.rows))
+                if any(isinstance(e, StateChanged) for e in outcome.effects):
+                    assigned = _assign(rows, self.config.monitors_per_host)
+            with self.store.transaction() as tx:
+                for (monitor, subject), seq in sequences.accepted.items():
+                    tx.set_last_sequence(monitor, subject, seq)
+                for row in changed.values():
+                    tx.put(row)
+                for kind, subject, body in audit:
+                    tx.audit(kind, subject, body, now)
+            self._commit(changed)
+            return results
 
     def tick(self, now: float, previous: float) -> Decision:
         """Let time pass: rows with no fresh verified report turn UNKNOWN, and so on."""
@@ -221,24 +319,26 @@ class Region:
         with self._lock:
             return self._apply(ReEnrolled(host, now), now)
 
-    def _apply(self, event: Event, now: float, *, report: Mapping[str, object] | None = None) -> Decision:
+    def _apply(self, event: Event, now: float) -> Decision:
         """Decide, then write the changed rows and the record of it all in one transaction."""
         outcome: Outcome = decide(self._rows, event, self.config.policy, self.assignment())
         with self.store.transaction() as tx:
-            if report is not None and isinstance(event, Verified):
-                tx.set_last_sequence(event.monitor, event.subject, event.sequence)
-                tx.audit("report.accepted", event.subject, report, now)
             for row in outcome.rows.values():
                 tx.put(row)
             self._record(tx, outcome.effects, now)
-        self._rows.update(outcome.rows)
-        for effect in outcome.effects:
-            if isinstance(effect, StateChanged):
-                log.warning("%s: %s -> %s (%s)", effect.host, effect.old.value, effect.new.value, effect.reason)
+        self._commit(outcome.rows)
         return Decision(outcome.rows, outcome.effects)
+
+    def _commit(self, changed: Mapping[str, HostRecord]) -> None:
+        """Take committed rows into the in-memory table; a change of state re-stitches the ring."""
+        for host, row in changed.items():
+            old = self._rows.get(host)
+            if old is None or old.state is not row.state:
+                self._assigned = None
+                log.warning("%s: %s -> %s", host, old.state.value if old else "(new)", row.state.value)
+            self._rows[host] = row
 
     @staticmethod
     def _record(tx: Transaction, effects: Sequence[Effect], now: float) -> None:
         for effect in effects:
-            subject = getattr(effect, "host", None) or getattr(effect, "subject", None) or ""
-            tx.audit(_effect_kind(effect), str(subject), _effect_body(effect), now)
+            tx.audit(_effect_kind(effect), _effect_subject(effect), _effect_body(effect), now)
