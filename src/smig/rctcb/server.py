@@ -1,0 +1,275 @@
+"""The RC-TCB service: its configuration file, the HTTPS server with mutual TLS, and the clock.
+
+``smig rctcb serve --config FILE`` runs :func:`serve`: it opens the IVT store, builds the API over
+a :class:`~smig.rctcb.region.Region`, and serves it with uvicorn on exactly the address the
+configuration names, requiring a client certificate from the region CA on every connection.
+A background task lets time pass (``Region.tick``) once a second, so hosts that stop being
+measured turn UNKNOWN without anyone asking.
+
+uvicorn does not hand the client certificate to the application, so :class:`PeerCertProtocol`
+puts it in the ASGI scope as the ASGI TLS extension describes
+(``scope["extensions"]["tls"]["client_cert_chain"]``, PEM, leaf first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import socket
+import ssl
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from cryptography import x509
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from smig.errors import ConfigError
+from smig.ivt.base import open_store
+from smig.paths import smig_home
+from smig.rctcb.policy import PolicyConfig
+from smig.rctcb.region import Region, RegionConfig
+
+log = logging.getLogger(__name__)
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``smig rctcb serve`` needs; built from a TOML file by :func:`load_config`."""
+
+    host: str
+    port: int
+    store: str
+    ca: Path
+    cert: Path
+    key: Path
+    region: RegionConfig = field(default_factory=RegionConfig)
+    tick_interval_s: float = 1.0
+    max_body_bytes: int = 4 << 20
+
+
+_SECTIONS: dict[str, frozenset[str]] = {
+    "rctcb": frozenset({"listen", "store", "ca", "cert", "key", "tick_interval_s", "max_body_bytes"}),
+    "policy": frozenset({"kind", "freshness_s", "unknown_grace_s", "strike_limit"}),
+    "reports": frozenset({"max_age_s", "max_skew_s", "monitors_per_host"}),
+}
+
+EXAMPLE = """\
+# smig rctcb serve --config THIS_FILE
+[rctcb]
+listen = "127.0.0.1:8443"          # the one address the service listens on
+store = "sqlite:///{home}/rctcb/ivt.sqlite"
+ca = "{home}/rctcb/ca/ca.pem"      # clients must present a certificate from this CA
+cert = "{home}/rctcb/ca/issued/rctcb/cert.pem"
+key = "{home}/rctcb/ca/issued/rctcb/key.pem"
+tick_interval_s = 1.0
+
+[policy]
+kind = "quorum"                    # or "immediate": the first verified mismatch evacuates
+freshness_s = 10.0                 # no verified report for longer: UNKNOWN, and never a target
+unknown_grace_s = 30.0             # UNKNOWN this long: evacuate
+strike_limit = 3                   # contradicted accusations that make a monitor SUSPECT
+
+[reports]
+max_age_s = 30.0                   # a report older than this is stale
+max_skew_s = 5.0                   # how far in the future a report's times may be
+monitors_per_host = 2
+"""
+
+
+def example_config(home: Path | None = None) -> str:
+    return EXAMPLE.format(home=home or smig_home())
+
+
+def _listen(value: object) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"rctcb.listen must be 'ADDRESS:PORT' (e.g. '127.0.0.1:8443'), not {value!r}")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"rctcb.listen has no valid port in {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"rctcb.listen port {number} is outside 0-65535")
+    if not host:
+        raise ConfigError("rctcb.listen needs an address: name the one interface to listen on, e.g. 127.0.0.1")
+    return host, number
+
+
+def _number(section: Mapping[str, object], key: str, default: float) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a number, not {value!r}")
+    return float(value)
+
+
+def parse_config(text: str, *, source: str = "the configuration") -> ServiceConfig:
+    """Raises ConfigError naming the key that is wrong, missing or unknown."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source} is not valid TOML: {e}") from e
+    for name, section in data.items():
+        if name not in _SECTIONS or not isinstance(section, dict):
+            raise ConfigError(f"unknown section [{name}] in {source}; the sections are {', '.join(sorted(_SECTIONS))}")
+        unknown = set(section) - _SECTIONS[name]
+        if unknown:
+            allowed = ", ".join(sorted(_SECTIONS[name]))
+            raise ConfigError(
+                f"unknown key(s) {', '.join(sorted(unknown))} in [{name}] of {source}; allowed: {allowed}"
+            )
+    service: dict[str, Any] = data.get("rctcb", {})
+    policy: dict[str, Any] = data.get("policy", {})
+    reports: dict[str, Any] = data.get("reports", {})
+    home = smig_home()
+    host, port = _listen(service.get("listen", "127.0.0.1:8443"))
+    region = RegionConfig(
+        policy=PolicyConfig(
+            kind=policy.get("kind", "quorum"),
+            freshness_s=_number(policy, "freshness_s", 10.0),
+            unknown_grace_s=_number(policy, "unknown_grace_s", 30.0),
+            strike_limit=int(_number(policy, "strike_limit", 3)),
+        ),
+        max_age_s=_number(reports, "max_age_s", 30.0),
+        max_skew_s=_number(reports, "max_skew_s", 5.0),
+        monitors_per_host=int(_number(reports, "monitors_per_host", 2)),
+    )
+    tick = _number(service, "tick_interval_s", 1.0)
+    if tick <= 0:
+        raise ConfigError(f"rctcb.tick_interval_s must be positive, not {tick}")
+    return ServiceConfig(
+        host=host,
+        port=port,
+        store=str(service.get("store", f"sqlite:///{home / 'rctcb' / 'ivt.sqlite'}")),
+        ca=Path(service.get("ca", home / "rctcb" / "ca" / "ca.pem")),
+        cert=Path(service.get("cert", home / "rctcb" / "ca" / "issued" / "rctcb" / "cert.pem")),
+        key=Path(service.get("key", home / "rctcb" / "ca" / "issued" / "rctcb" / "key.pem")),
+        region=region,
+        tick_interval_s=tick,
+        max_body_bytes=int(_number(service, "max_body_bytes", 4 << 20)),
+    )
+
+
+def load_config(path: Path) -> ServiceConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the configuration {path}: {e.strerror or e}") from e
+    return parse_config(text, source=str(path))
+
+
+class PeerCertProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus the verified client certificate in every request's scope."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return
+        tls = {"client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)], "tls_version": ssl_object.version()}
+        inner: ASGIApp = self.app
+
+        async def with_peer(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] in ("http", "websocket"):
+                scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "tls": tls}}
+            await inner(scope, receive, send)
+
+        self.app = with_peer
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on exactly ``host:port`` (port 0: one the kernel picks)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _clock(tick: Callable[[], Awaitable[object]], interval_s: float) -> None:
+    """Let time pass every ``interval_s`` through the app's one clock (which publishes the effects)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await tick()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling when it has started listening."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # SIGTERM and SIGINT are how an operator stops the service: shut down cleanly and exit 0,
+        # instead of uvicorn's re-raising the signal once it has shut down.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the RC-TCB clock stopped: %s", task.exception())
+
+
+async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | None = None) -> None:
+    """Run the service until cancelled or signalled (SIGINT/SIGTERM stop it cleanly)."""
+    from smig.rctcb.api import create_app
+    from smig.rctcb.ca import server_ssl_context
+
+    try:
+        ca_cert = x509.load_pem_x509_certificate(config.ca.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the region CA certificate {config.ca}: {e} (run `smig ca init`)") from e
+    context = server_ssl_context(config.cert, config.key, config.ca)
+    # Ask for a client certificate but let a connection without one through, so the API can
+    # answer it with a 401 and an audit entry instead of a bare TLS alert. A certificate that is
+    # presented is still verified against the region CA during the handshake.
+    context.verify_mode = ssl.CERT_OPTIONAL
+    store = open_store(config.store)
+    try:
+        region = Region(store, config.region)
+        app = create_app(region, ca_cert=ca_cert, max_body_bytes=config.max_body_bytes)
+        sock = _bind(config.host, config.port)
+        uv = uvicorn.Config(
+            app,
+            http=PeerCertProtocol,
+            ssl_context_factory=lambda _config, _default: context,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        port = sock.getsockname()[1]
+        server = _Server(uv, lambda: ready(config.host, port) if ready is not None else None)
+        clock = asyncio.create_task(_clock(app.state.tick, config.tick_interval_s))
+        clock.add_done_callback(_report_crash)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            clock.cancel()
+            sock.close()
+    finally:
+        store.close()
