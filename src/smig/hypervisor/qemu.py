@@ -53,6 +53,7 @@ from smig.model import (
 )
 
 log = logging.getLogger(__name__)
+STATUS_HEARTBEAT_WAIT_S = 5.0
 
 _RUNSTATES = {
     "running": VMState.RUNNING,
@@ -275,8 +276,9 @@ class QemuDriver:
         path = self._files.paths(name, info.instance).heartbeat
         hb = heartbeat.read_last(path)
         if hb is None and info.state is VMState.RUNNING:
-            # Just migrated in or just booted: the guest's next line is at most a period away.
-            hb = await heartbeat.wait_for(path, 2 * info.spec.heartbeat_ms / 1000 + 1.0)
+            # Just migrated in or just booted: the guest's next line is a period away, but a TCG
+            # guest's first timer tick after a migration has been seen to take over a second here.
+            hb = await heartbeat.wait_for(path, max(STATUS_HEARTBEAT_WAIT_S, 2 * info.spec.heartbeat_ms / 1000 + 1.0))
         return VMStatus(info=info, heartbeat=hb)
 
     async def wait_heartbeat(self, name: str, timeout_s: float, *, after: int = -1) -> Heartbeat | None:
