@@ -220,3 +220,22 @@ def test_a_batch_is_judged_in_order_and_lands_in_one_transaction(lab: Lab) -> No
     kinds = [e.kind for e in lab.store.audit_entries(since=entries)]
     assert kinds.count("report.accepted") == 3 and kinds.count("report.rejected") == 3
     assert lab.store.verify_audit() == entries + len(kinds)
+
+
+def test_a_signed_batch_counts_report_by_report_under_one_signature(lab: Lab) -> None:
+    from smig.aim.report_batch import sign_batch
+
+    monitor = lab.monitor_of("h1")
+    subjects = [s for s, monitors in lab.region.assignment().items() if monitor in monitors]
+    fresh = [lab.report(monitor, s) for s in subjects]
+    stale = lab.report(monitor, subjects[0], started_at=T0 - 100, ended_at=T0 - 99)
+    entries = lab.store.verify_audit()
+    results = lab.region.ingest_batch([sign_batch([*fresh, stale], lab.keys[monitor])], T0, agent=monitor)
+    assert [r.reason for r in results] == [""] * len(fresh) + ["stale"], "one stale report sinks only itself"
+    assert all(lab.store.last_sequence(monitor, r.subject) == r.sequence for r in fresh)
+    kinds = [e.kind for e in lab.store.audit_entries(since=entries)]
+    assert kinds == ["report.rejected", "report.batch.accepted"]
+    forged = sign_batch([lab.report(monitor, subjects[0])], generate_key())
+    before = _state(lab)
+    results = lab.region.ingest_batch([forged], T0, agent=monitor)
+    assert [r.reason for r in results] == ["forged"] and _state(lab) == before

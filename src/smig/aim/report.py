@@ -247,16 +247,19 @@ class SignedReport:
     payload: bytes
     signature: bytes
     key_id: str
+    batch: bool = False  # a batch of the monitor's reports under one signature (smig.aim.report_batch)
 
     def to_wire(self) -> bytes:
-        """A JSON object ``{"key_id", "payload", "signature"}``, the bytes in standard base64."""
-        return _dumps(
-            {
-                "key_id": self.key_id,
-                "payload": base64.b64encode(self.payload).decode("ascii"),
-                "signature": base64.b64encode(self.signature).decode("ascii"),
-            }
-        )
+        """A JSON object ``{"key_id", "payload", "signature"}``, the bytes in standard base64
+        (and ``"batch": true`` for a batch)."""
+        obj: dict[str, object] = {
+            "key_id": self.key_id,
+            "payload": base64.b64encode(self.payload).decode("ascii"),
+            "signature": base64.b64encode(self.signature).decode("ascii"),
+        }
+        if self.batch:
+            obj["batch"] = True
+        return _dumps(obj)
 
     @classmethod
     def from_wire(cls, data: bytes | str) -> SignedReport:
@@ -265,6 +268,9 @@ class SignedReport:
             obj = json.loads(data, parse_constant=_reject_constant)
         except (TypeError, ValueError, RecursionError) as e:
             raise _malformed(f"signed report is not JSON: {e}") from None
+        batch = isinstance(obj, dict) and obj.get("batch") is True
+        if batch:
+            obj = {k: v for k, v in obj.items() if k != "batch"}
         fields = _object(obj, _WIRE_KEYS, "the signed report")
         key_id = _str(fields["key_id"], "key_id")
         decoded: list[bytes] = []
@@ -274,7 +280,7 @@ class SignedReport:
                 decoded.append(base64.b64decode(text, validate=True))
             except (binascii.Error, ValueError):
                 raise _malformed(f"{name} is not valid base64", host=key_id) from None
-        return cls(payload=decoded[0], signature=decoded[1], key_id=key_id)
+        return cls(payload=decoded[0], signature=decoded[1], key_id=key_id, batch=batch)
 
 
 def sign_report(report: Report, private_key: Ed25519PrivateKey) -> SignedReport:
@@ -323,6 +329,10 @@ def verify_report(
     refused before its signature is checked).
     """
     key_id = signed.key_id
+    if signed.batch:
+        raise ReportRejected(
+            "malformed", "this is a batch of reports: check it with smig.aim.report_batch", host=key_id
+        )
     try:
         report = decode_report(signed.payload)
     except ReportRejected as e:
@@ -353,6 +363,23 @@ def verify_report(
             host=key_id,
         ) from None
 
+    return admit_report(
+        report, assigned=assigned, last_sequence=last_sequence, now=now, max_age_s=max_age_s, max_skew_s=max_skew_s
+    )
+
+
+def admit_report(
+    report: Report,
+    *,
+    assigned: Mapping[str, Collection[str]],
+    last_sequence: Mapping[tuple[str, str], int],
+    now: float,
+    max_age_s: float,
+    max_skew_s: float,
+) -> Report:
+    """The checks of :func:`verify_report` that follow the signature, for a report whose
+    authenticity is already established (alone, or as part of a signed batch): assignment,
+    replay, order and freshness. Returns ``report``; raises :class:`ReportRejected`."""
     monitor, subject = report.monitor, report.subject
     if monitor == subject or monitor not in assigned.get(subject, ()):
         why = "a host never measures itself" if monitor == subject else "the RC-TCB did not assign it"

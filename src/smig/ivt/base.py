@@ -51,6 +51,10 @@ class Transaction(Protocol):
         """Replace the row of an enrolled host. Raises HostNotFound if it is not enrolled."""
         ...
 
+    def put_all(self, records: Sequence[HostRecord]) -> None:
+        """Replace the rows of several enrolled hosts at once. Raises HostNotFound."""
+        ...
+
     def set_placements(self, host: str, vms: Sequence[PlacedVM]) -> None:
         """Make ``vms`` the exact set of VMs on ``host``; a VM listed here leaves any other host.
 
@@ -60,6 +64,10 @@ class Transaction(Protocol):
 
     def set_last_sequence(self, monitor: str, subject: str, seq: int) -> None:
         """Record the last accepted report sequence of ``monitor`` about ``subject``."""
+        ...
+
+    def set_last_sequences(self, items: Sequence[tuple[str, str, int]]) -> None:
+        """:meth:`set_last_sequence` for many ``(monitor, subject, seq)`` at once."""
         ...
 
     def audit(self, kind: str, subject: str, body: Mapping[str, object], at: float) -> AuditEntry:

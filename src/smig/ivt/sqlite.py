@@ -288,6 +288,7 @@ class SQLiteStore:
             self._tx = tx
             try:
                 yield tx
+                tx._write_head()
                 with self._errors("commit"):
                     c.execute("COMMIT")
             except BaseException:
@@ -339,6 +340,7 @@ class SQLiteTransaction:
         self._head = head
         self._owner = threading.get_ident()
         self._open = True
+        self._moved = False
 
     @contextmanager
     def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -357,12 +359,19 @@ class SQLiteTransaction:
             c.execute(f"INSERT INTO hosts ({_HOST_COLUMNS}) VALUES ({', '.join('?' * len(row))})", row)
 
     def put(self, record: HostRecord) -> None:
+        self.put_all([record])
+
+    def put_all(self, records: Sequence[HostRecord]) -> None:
         columns = _HOST_COLUMNS.split(", ")[1:]
         sql = f"UPDATE hosts SET {', '.join(f'{c} = ?' for c in columns)} WHERE host = ?"
-        row = _host_row(record)
-        with self._writing("updating a host") as c:
-            if c.execute(sql, (*row[1:], record.host)).rowcount == 0:
-                raise HostNotFound(f"no IVT row for host {record.host!r}: enrol it first", host=record.host)
+        rows = [(*_host_row(r)[1:], r.host) for r in records]
+        with self._writing("updating hosts") as c:
+            before = c.total_changes
+            c.executemany(sql, rows)
+            if c.total_changes - before != len(rows):
+                known = {h for (h,) in c.execute("SELECT host FROM hosts")}
+                missing = next(r.host for r in records if r.host not in known)
+                raise HostNotFound(f"no IVT row for host {missing!r}: enrol it first", host=missing)
 
     def set_placements(self, host: str, vms: Sequence[PlacedVM]) -> None:
         for vm in vms:
@@ -379,11 +388,14 @@ class SQLiteTransaction:
             )
 
     def set_last_sequence(self, monitor: str, subject: str, seq: int) -> None:
-        with self._writing("recording a sequence") as c:
-            c.execute(
+        self.set_last_sequences([(monitor, subject, seq)])
+
+    def set_last_sequences(self, items: Sequence[tuple[str, str, int]]) -> None:
+        with self._writing("recording sequences") as c:
+            c.executemany(
                 "INSERT INTO sequences (monitor, subject, seq) VALUES (?, ?, ?) "
                 "ON CONFLICT (monitor, subject) DO UPDATE SET seq = excluded.seq",
-                (monitor, subject, seq),
+                items,
             )
 
     def audit(self, kind: str, subject: str, body: Mapping[str, object], at: float) -> AuditEntry:
@@ -399,7 +411,13 @@ class SQLiteTransaction:
                 "INSERT INTO audit (seq, at, kind, subject, body, prev, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (entry.seq, entry.at, entry.kind, entry.subject, text, entry.prev, entry.hash),
             )
-            head = audit.canonical_json({"seq": entry.seq, "hash": entry.hash})
-            c.execute("UPDATE meta SET value = ? WHERE key = ?", (head, _HEAD_KEY))
         self._head = audit.AuditHead(entry.seq, entry.hash)
+        self._moved = True
         return entry
+
+    def _write_head(self) -> None:
+        """Record the chain's head once, as the transaction commits (it moves with every entry)."""
+        if self._moved:
+            head = audit.canonical_json({"seq": self._head.seq, "hash": self._head.hash})
+            with self._writing("recording the audit head") as c:
+                c.execute("UPDATE meta SET value = ? WHERE key = ?", (head, _HEAD_KEY))

@@ -149,7 +149,7 @@ def _ingest(region: Region, wires: Sequence[str], agent: str, now: float) -> lis
     """Parse and judge a batch (blocking). A wire item that does not parse cannot reach
     :meth:`Region.ingest_batch` (it takes parsed reports), so its refusal is recorded here, in one
     transaction for the batch; the rest is judged by the region, in order, in one transaction."""
-    results: list[ReportResult | None] = [None] * len(wires)
+    results: list[ReportResult | None] = [None] * len(wires)  # the items that do not even parse
     parsed: list[SignedReport] = []
     where: list[int] = []
     malformed: list[tuple[int, ReportRejected]] = []
@@ -165,10 +165,12 @@ def _ingest(region: Region, wires: Sequence[str], agent: str, now: float) -> lis
             for i, refused in malformed:
                 body = {"reason": refused.reason, "message": refused.message, "agent": agent, "index": i}
                 tx.audit("report.rejected", refused.host or "", body, now)
+    # An item may be a monitor's signed batch: it yields one result per report it holds.
+    judged: list[list[ReportResult]] = [[r] if r is not None else [] for r in results]
     if parsed:
-        for i, result in zip(where, region.ingest_batch(parsed, now, agent=agent), strict=True):
-            results[i] = result
-    return [r for r in results if r is not None]
+        for result in region.ingest_batch(parsed, now, agent=agent):
+            judged[where[result.item]].append(result)
+    return [r for item in judged for r in item]
 
 
 def _result_out(r: ReportResult) -> ReportResultOut:

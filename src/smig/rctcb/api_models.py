@@ -56,7 +56,9 @@ class TickIn(_In):
 
 class ReportBatchIn(_In):
     reports: list[str] = Field(
-        min_length=1, max_length=MAX_BATCH, description="signed reports, each as SignedReport.to_wire() text"
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="signed reports, or signed batches of one monitor's reports, each as SignedReport.to_wire() text",
     )
 
 

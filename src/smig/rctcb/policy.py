@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
@@ -255,6 +255,22 @@ def decide(
     return draft.outcome()
 
 
+_ROW_FIELDS = frozenset(f.name for f in fields(HostRecord))
+
+
+def _with(row: HostRecord, **changes: Any) -> HostRecord:
+    """``dataclasses.replace`` for a row, minus its cost: the RC-TCB changes a row for every report
+    it ingests, and ``replace`` (which rebuilds the row through ``__init__``) was the largest
+    single cost of ingesting one. Only the fields change; the row stays frozen."""
+    unknown = changes.keys() - _ROW_FIELDS
+    if unknown:
+        raise TypeError(f"HostRecord has no field(s) {sorted(unknown)}")
+    new = object.__new__(HostRecord)
+    new.__dict__.update(row.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 class _Draft:
     """The rows as they become during one decision, and the effects so far."""
 
@@ -276,10 +292,10 @@ class _Draft:
     def settle(self, row: HostRecord, state: TrustState, at: float, reason: str, **fields: Any) -> HostRecord:
         """Put ``row`` in ``state`` with ``fields`` changed; only a real change of state is announced."""
         if row.state is state:
-            return self.put(replace(row, **fields))
+            return self.put(_with(row, **fields))
         assert (row.state, state) in TRANSITIONS, f"{row.state} → {state} is not in TRANSITIONS"
         self.emit(StateChanged(row.host, row.state, state, at, reason))
-        return self.put(replace(row, state=state, state_since=at, **fields))
+        return self.put(_with(row, state=state, state_since=at, **fields))
 
     def outcome(self) -> Outcome:
         # A row written back unchanged (the same report twice, say) is not a change.
@@ -308,7 +324,7 @@ def _on_report(d: _Draft, ev: Verified, config: PolicyConfig, monitors_of: Mappi
         d.emit(Ignored(ev.subject, ev.monitor, why_not or "no such subject"))
         return
     measured = VerifiedMeasurement(ev.at, ev.monitor, ev.sequence, ev.root, ev.verdict)
-    row = d.put(replace(subject, verified=measured))
+    row = d.put(_with(subject, verified=measured))
     if row.state is TrustState.MAINTENANCE:
         return  # an operator is changing the host: its measurements are kept, its verdicts not acted on
     if ev.verdict is Verdict.MATCH:
@@ -337,7 +353,7 @@ def _strike(d: _Draft, accuser: str, subject: str, at: float, config: PolicyConf
     row = d.get(accuser)
     if row is None or row.state is TrustState.UNTRUSTED:
         return  # gone, or already out of the ring: a strike would change nothing
-    row = d.put(replace(row, strikes=row.strikes + 1))
+    row = d.put(_with(row, strikes=row.strikes + 1))
     d.emit(Strike(accuser, subject, at))
     if row.strikes >= config.strike_limit and row.state is TrustState.TRUSTED:
         reason = "too many contradicted accusations"

@@ -18,10 +18,12 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from smig.aim.report import SignedReport, load_public_key_pem, verify_report
+from smig.aim.report import SignedReport, admit_report, load_public_key_pem, verify_report
+from smig.aim.report_batch import authenticate_batch
 from smig.aim.ring import assign_monitors
 from smig.errors import ConfigError, HostExists, ReportRejected
 from smig.ivt.base import IVTStore, Transaction
@@ -81,6 +83,7 @@ class ReportResult:
     message: str = ""
     effects: tuple[Effect, ...] = ()
     rows: Mapping[str, HostRecord] = field(default_factory=dict)
+    item: int = 0  # the index, in the input, of the item (report or batch) this came from
 
 
 class _Sequences(Mapping[tuple[str, str], int]):
@@ -152,6 +155,81 @@ def _effect_body(effect: Effect) -> dict[str, object]:
 
 def _effect_kind(effect: Effect) -> str:
     return "trust.changed" if isinstance(effect, StateChanged) else f"effect.{type(effect).__name__.lower()}"
+
+
+class _Run:
+    """One ``ingest_batch``: the rows as the reports so far left them, and what to write."""
+
+    def __init__(self, region: Region, now: float) -> None:
+        self.region = region
+        self.now = now
+        self.rows = dict(region._rows)
+        self.assigned = region.assignment()
+        self.sequences = _Sequences(region.store)
+        self.keys = _Keys(region, self.rows)
+        self.changed: dict[str, HostRecord] = {}
+        self.audit: list[tuple[str, str, Mapping[str, object]]] = []
+        self.results: list[ReportResult] = []
+
+    def reject(self, item: int, monitor: str, e: ReportRejected, *, audit: bool = True) -> None:
+        if audit:
+            self.audit.append(("report.rejected", e.host or "", {"reason": e.reason, "message": e.message}))
+        self.results.append(ReportResult(None, e.host or monitor, e.reason, e.message, item=item))
+
+    def _limits(self) -> dict[str, Any]:
+        config = self.region.config
+        return {
+            "assigned": self.assigned,
+            "last_sequence": self.sequences,
+            "now": self.now,
+            "max_age_s": config.max_age_s,
+            "max_skew_s": config.max_skew_s,
+        }
+
+    def take_one(self, item: int, signed: SignedReport) -> None:
+        try:
+            report = verify_report(signed, keys=self.keys, **self._limits())
+        except ReportRejected as e:
+            self.reject(item, signed.key_id, e)
+            return
+        self.audit.append(("report.accepted", report.subject, _accepted_body(report)))
+        self.audit += self._decide(item, report)
+
+    def take_batch(self, item: int, signed: SignedReport) -> None:
+        try:
+            reports = authenticate_batch(signed, self.keys)
+        except ReportRejected as e:
+            self.reject(item, signed.key_id, e)
+            return
+        accepted: list[list[object]] = []
+        effects: list[tuple[str, str, Mapping[str, object]]] = []
+        for report in reports:
+            try:
+                admit_report(report, **self._limits())
+            except ReportRejected as e:
+                self.reject(item, signed.key_id, e)
+                continue
+            effects += self._decide(item, report)
+            accepted.append([report.subject, report.sequence, report.verdict.value, report.root])
+        if accepted:
+            # One entry for the batch, listing every report that counted (one signature covered them
+            # all), then what they caused.
+            body = {"monitor": signed.key_id, "reports": accepted}
+            self.audit.append(("report.batch.accepted", signed.key_id, body))
+        self.audit += effects
+
+    def _decide(self, item: int, report: Report) -> list[tuple[str, str, Mapping[str, object]]]:
+        """Let ``report`` count; the audit entries of what it caused."""
+        region = self.region
+        event = Verified(report.subject, report.monitor, report.verdict, report.ended_at, report.sequence, report.root)
+        outcome = decide(self.rows, event, region.config.policy, self.assigned)
+        self.rows.update(outcome.rows)
+        self.changed.update(outcome.rows)
+        self.sequences.accept(report.monitor, report.subject, report.sequence)
+        self.results.append(ReportResult(report, report.monitor, effects=outcome.effects, rows=outcome.rows, item=item))
+        if any(isinstance(e, StateChanged) for e in outcome.effects):
+            self.assigned = _assign(self.rows, region.config.monitors_per_host)
+        return [(_effect_kind(e), _effect_subject(e), _effect_body(e)) for e in outcome.effects]
 
 
 class Region:
@@ -249,62 +327,39 @@ class Region:
     ) -> list[ReportResult]:
         """Verify and decide on every report of ``batch`` in order, then commit them all at once.
 
-        Each report is judged against the state the reports before it left (so a replay inside
-        one batch is caught), but the store sees one transaction: a batch lands whole or not at
-        all. ``agent`` is the identity of the connection the batch came over; a report signed by
-        another monitor is refused ("wrong-agent") so that one host cannot submit another's.
+        An item is one signed report, or a monitor's batch of reports under one signature
+        (:mod:`smig.aim.report_batch`). Each report is judged against the state the reports before
+        it left (so a replay inside one batch is caught), but the store sees one transaction: a
+        batch lands whole or not at all. ``agent`` is the identity of the connection the batch
+        came over; an item signed by another monitor is refused ("wrong-agent") so that one host
+        cannot submit another's. Returns one result per report (``item`` is the input's index; a
+        batch whose signature fails gives one result).
         """
         with self._lock:
-            rows = dict(self._rows)
-            assigned = self.assignment()
-            sequences = _Sequences(self.store)
-            keys = _Keys(self, rows)
-            changed: dict[str, HostRecord] = {}
-            audit: list[tuple[str, str, Mapping[str, object]]] = []
-            results: list[ReportResult] = []
-            for signed in batch:
-                try:
-                    if agent is not None and signed.key_id != agent:
-                        raise ReportRejected(
+            run = _Run(self, now)
+            for item, signed in enumerate(batch):
+                if agent is not None and signed.key_id != agent:
+                    run.reject(
+                        item,
+                        signed.key_id,
+                        ReportRejected(
                             "wrong-agent",
                             f"a report signed as monitor {signed.key_id!r} came over the connection of agent "
                             f"{agent!r}; an agent submits only its own reports",
                             host=agent,
-                        )
-                    report = verify_report(
-                        signed,
-                        keys=keys,
-                        assigned=assigned,
-                        last_sequence=sequences,
-                        now=now,
-                        max_age_s=self.config.max_age_s,
-                        max_skew_s=self.config.max_skew_s,
+                        ),
                     )
-                except ReportRejected as e:
-                    audit.append(("report.rejected", e.host or "", {"reason": e.reason, "message": e.message}))
-                    results.append(ReportResult(None, e.host or signed.key_id, e.reason, e.message))
-                    continue
-                event = Verified(
-                    report.subject, report.monitor, report.verdict, report.ended_at, report.sequence, report.root
-                )
-                outcome = decide(rows, event, self.config.policy, assigned)
-                rows.update(outcome.rows)
-                changed.update(outcome.rows)
-                sequences.accept(report.monitor, report.subject, report.sequence)
-                audit.append(("report.accepted", report.subject, _accepted_body(report)))
-                audit += [(_effect_kind(e), _effect_subject(e), _effect_body(e)) for e in outcome.effects]
-                results.append(ReportResult(report, report.monitor, effects=outcome.effects, rows=outcome.rows))
-                if any(isinstance(e, StateChanged) for e in outcome.effects):
-                    assigned = _assign(rows, self.config.monitors_per_host)
+                elif signed.batch:
+                    run.take_batch(item, signed)
+                else:
+                    run.take_one(item, signed)
             with self.store.transaction() as tx:
-                for (monitor, subject), seq in sequences.accepted.items():
-                    tx.set_last_sequence(monitor, subject, seq)
-                for row in changed.values():
-                    tx.put(row)
-                for kind, subject, body in audit:
+                tx.set_last_sequences([(m, s, q) for (m, s), q in run.sequences.accepted.items()])
+                tx.put_all(list(run.changed.values()))
+                for kind, subject, body in run.audit:
                     tx.audit(kind, subject, body, now)
-            self._commit(changed)
-            return results
+            self._commit(run.changed)
+            return run.results
 
     def tick(self, now: float, previous: float) -> Decision:
         """Let time pass: rows with no fresh verified report turn UNKNOWN, and so on."""
