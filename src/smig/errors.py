@@ -5,6 +5,7 @@ errors of the libraries they use at their boundary (``raise X(...) from e``)::
 
     SmigError
     ├── ConfigError               bad or missing configuration, bad command-line input
+    │   └── CertificateRejected   a client certificate proves no identity in this region
     ├── ImageError                the guest image cannot be built or is missing
     ├── HypervisorError           a driver could not do what was asked
     │   ├── VMNotFound            no VM of that name on this host
@@ -154,3 +155,12 @@ class AuditChainBroken(IVTError):
     def __init__(self, seq: int, message: str) -> None:
         super().__init__(message)
         self.seq = seq
+
+
+class CertificateRejected(ConfigError):
+    """A client certificate that proves no identity in this region; ``reason`` is one of
+    ``bad-certificate``, ``foreign-certificate``, ``expired-certificate``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from smig.errors import ConfigError
+from smig.errors import CertificateRejected, ConfigError
 from smig.model import valid_vm_name
 from smig.paths import smig_home
 from smig.pki import KeyPair, _write, generate_ca
@@ -235,55 +235,85 @@ def _load_cert(data: str | bytes) -> x509.Certificate:
             return x509.load_pem_x509_certificate(raw)
         return x509.load_der_x509_certificate(raw)
     except ValueError as e:
-        raise ConfigError(f"certificate rejected: not a readable X.509 certificate ({e})") from e
+        raise CertificateRejected(
+            "bad-certificate", f"certificate rejected: not a readable X.509 certificate ({e})"
+        ) from e
 
 
 def _one(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
     values = cert.subject.get_attributes_for_oid(oid)
     if len(values) != 1 or not isinstance(values[0].value, str):
-        return None
+        return None  # two OUs would make the role ambiguous: refuse rather than pick one
     return values[0].value
 
 
-def identity_of(cert_pem: str | bytes, ca_cert: x509.Certificate, *, now: dt.datetime | None = None) -> Identity:
-    """Who a certificate speaks for, once it is shown to be this CA's and valid at ``now``.
-
-    ``cert_pem`` is PEM text or bytes; DER bytes (a TLS peer certificate) are accepted too.
+def verify_issued(cert_pem: str | bytes, ca_cert: x509.Certificate) -> x509.Certificate:
+    """The certificate in ``cert_pem`` (PEM, or DER as a TLS peer certificate) if this region's CA
+    issued it to an identity; its validity in time is :func:`identity_at`'s to check.
 
     Raises:
-        ConfigError: the certificate is malformed, not signed by ``ca_cert``'s key, outside its
-            validity, a CA certificate, or lacks a known role (OU) or a valid name (CN).
+        CertificateRejected: unreadable or a CA certificate ("bad-certificate"); another issuer,
+            or a signature that does not verify under the CA's key ("foreign-certificate").
     """
-    now = now or dt.datetime.now(dt.UTC)
     cert = _load_cert(cert_pem)
-    ca_key = ca_cert.public_key()
-    if not isinstance(ca_key, ec.EllipticCurvePublicKey):  # pki.generate_ca makes EC keys only
-        raise ConfigError("certificate rejected: the region CA's key is not an EC key")
-    hash_alg = cert.signature_hash_algorithm
-    if cert.issuer != ca_cert.subject or hash_alg is None:
-        raise ConfigError(f"certificate rejected: issued by {cert.issuer.rfc4514_string()}, not this region's CA")
-    try:
-        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
-    except InvalidSignature as e:
-        # Same issuer name, other key: a CA made for the same region elsewhere (or a forgery).
-        raise ConfigError("certificate rejected: not signed by this region's CA") from e
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise ConfigError(
-            f"certificate rejected: valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
-            f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not at {now:%Y-%m-%d %H:%M} UTC"
-        )
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         is_ca = False
     if is_ca:  # the CA's own certificate is self-signed, so the signature check alone would pass it
-        raise ConfigError("certificate rejected: a CA certificate is not an identity")
+        raise CertificateRejected("bad-certificate", "certificate rejected: a CA certificate is not an identity")
+    ca_key = ca_cert.public_key()
+    hash_alg = cert.signature_hash_algorithm
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey) or cert.issuer != ca_cert.subject or hash_alg is None:
+        raise CertificateRejected(
+            "foreign-certificate",
+            f"certificate rejected: issued by {cert.issuer.rfc4514_string()!r}, not by this region's CA "
+            f"({ca_cert.subject.rfc4514_string()!r}); ask the region's operator for a certificate",
+        )
+    try:
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
+    except InvalidSignature as e:
+        # Same issuer name, other key: a CA made for the same region elsewhere (or a forgery).
+        raise CertificateRejected(
+            "foreign-certificate",
+            "certificate rejected: not signed by this region's CA (it names the CA as issuer, but the signature "
+            "does not verify: another CA of the same name, or a forgery)",
+        ) from e
+    return cert
+
+
+def identity_at(cert: x509.Certificate, now: dt.datetime) -> Identity:
+    """Who a certificate :func:`verify_issued` accepted speaks for, if it is valid at ``now``.
+
+    Raises:
+        CertificateRejected: outside its validity ("expired-certificate"); no single known role in
+            its OU or no valid name in its CN ("bad-certificate").
+    """
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise CertificateRejected(
+            "expired-certificate",
+            f"certificate rejected: valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not at {now:%Y-%m-%d %H:%M} UTC; "
+            "ask the region's operator for a new one",
+        )
     role_text, name = _one(cert, NameOID.ORGANIZATIONAL_UNIT_NAME), _one(cert, NameOID.COMMON_NAME)
     if role_text is None or role_text not in {r.value for r in Role}:
-        raise ConfigError(f"certificate rejected: no known role in its OU ({role_text!r})")
+        roles = ", ".join(r.value for r in Role)
+        raise CertificateRejected(
+            "bad-certificate", f"certificate rejected: its OU ({role_text!r}) is none of the roles {roles}"
+        )
     if name is None or not valid_vm_name(name):
-        raise ConfigError(f"certificate rejected: no valid name in its CN ({name!r})")
+        raise CertificateRejected("bad-certificate", f"certificate rejected: no valid name in its CN ({name!r})")
     return Identity(Role(role_text), name)
+
+
+def identity_of(cert_pem: str | bytes, ca_cert: x509.Certificate, *, now: dt.datetime | None = None) -> Identity:
+    """Who a certificate speaks for, once it is shown to be this CA's and valid at ``now``.
+
+    Raises:
+        CertificateRejected (a ConfigError): see :func:`verify_issued` and :func:`identity_at`.
+    """
+    return identity_at(verify_issued(cert_pem, ca_cert), now or dt.datetime.now(dt.UTC))
 
 
 def _context(purpose: ssl.Purpose, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
