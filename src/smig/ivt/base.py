@@ -44,6 +44,22 @@ class AuditEntry:
     hash: str
 
 
+@dataclass(frozen=True)
+class StoredOrder:
+    """A migration order as the store keeps it: opaque to the store but for its key fields.
+
+    ``body`` is the whole order as a JSON object (:mod:`smig.rctcb.orders` writes and reads it);
+    ``active`` says whether the orchestrator still has to drive it, so a restarted RC-TCB reads
+    back only the orders it must resume.
+    """
+
+    id: str
+    vm: str
+    state: str
+    active: bool
+    body: Mapping[str, object]
+
+
 class Transaction(Protocol):
     """The writes of one atomic step. Any exception that leaves the ``with`` block undoes all of them."""
 
@@ -74,6 +90,10 @@ class Transaction(Protocol):
         """Append an entry to the audit log; ``body`` must be JSON (StoreError otherwise)."""
         ...
 
+    def put_order(self, order: StoredOrder) -> None:
+        """Insert or replace the order of that ``id``; ``body`` must be JSON (StoreError otherwise)."""
+        ...
+
 
 class IVTStore(Protocol):
     """The Integrity Validation Table: hosts, VM placements, report sequences and the audit log."""
@@ -96,6 +116,10 @@ class IVTStore(Protocol):
 
     def last_sequence(self, monitor: str, subject: str) -> int | None:
         """The last accepted sequence of ``monitor``'s reports about ``subject``, None if none yet."""
+        ...
+
+    def orders(self, active_only: bool = True) -> list[StoredOrder]:
+        """Migration orders (only those still active by default), sorted by id."""
         ...
 
     def transaction(self) -> AbstractContextManager[Transaction]:

@@ -9,7 +9,7 @@ from ``BEGIN IMMEDIATE`` to ``COMMIT``, so the asyncio thread and worker threads
 each sees its own uncommitted writes. ``BEGIN IMMEDIATE`` takes SQLite's write lock at the start,
 which avoids the deadlock of two readers both upgrading to writers.
 
-Schema, version 1 (``PRAGMA user_version``; :data:`_MIGRATIONS` carries a file forward, a file
+Schema, version 2 (``PRAGMA user_version``; :data:`_MIGRATIONS` carries a file forward, a file
 newer than this code is refused)::
 
     hosts(host PK, region, address, agent_key, manifest, state, state_since,
@@ -20,6 +20,7 @@ newer than this code is refused)::
     sequences(monitor, subject, seq; PK (monitor, subject))
     audit(seq PK, at, kind, subject, body canonical JSON, prev, hash)
     meta(key PK, value)  -- 'audit_head': {"seq": N, "hash": "..."}
+    orders(id PK, vm, state, active 0/1, body JSON)  -- migration orders; version 2
 
 sqlite3 errors become StoreError here, and nowhere else.
 """
@@ -39,7 +40,7 @@ from typing import Any
 
 from smig.errors import AuditChainBroken, HostExists, HostNotFound, IVTError, StoreError
 from smig.ivt import audit
-from smig.ivt.base import AuditEntry
+from smig.ivt.base import AuditEntry, StoredOrder
 from smig.model import HostRecord, PlacedVM, Resources, TrustState, Verdict, VerifiedMeasurement
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             body TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL)""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         f'INSERT INTO meta (key, value) VALUES (\'{_HEAD_KEY}\', \'{{"hash":"{audit.GENESIS}","seq":0}}\')',
+    ),
+    (
+        # The orchestrator's orders, written ahead of every step so a restarted RC-TCB resumes them.
+        """CREATE TABLE orders (
+            id TEXT PRIMARY KEY, vm TEXT NOT NULL, state TEXT NOT NULL,
+            active INTEGER NOT NULL CHECK (active IN (0, 1)), body TEXT NOT NULL)""",
+        "CREATE INDEX orders_active ON orders(active, id)",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -119,6 +127,16 @@ def _placed_vm(row: sqlite3.Row) -> PlacedVM:
     return PlacedVM(
         row["vm"], row["host"], Resources(row["vcpus"], row["memory_mib"]), row["priority"], row["anti_affinity"]
     )
+
+
+def _stored_order(row: sqlite3.Row) -> StoredOrder:
+    try:
+        body = json.loads(row["body"])
+        if not isinstance(body, dict):
+            raise TypeError("its body is not a JSON object")
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"the order {row['id']!r} cannot be read: {e}") from e
+    return StoredOrder(str(row["id"]), str(row["vm"]), str(row["state"]), bool(row["active"]), MappingProxyType(body))
 
 
 def _audit_entry(row: sqlite3.Row) -> AuditEntry:
@@ -232,6 +250,12 @@ class SQLiteStore:
             sql = "SELECT seq FROM sequences WHERE monitor = ? AND subject = ?"
             row = c.execute(sql, (monitor, subject)).fetchone()
         return None if row is None else int(row["seq"])
+
+    def orders(self, active_only: bool = True) -> list[StoredOrder]:
+        where = "WHERE active = 1 " if active_only else ""
+        with self._reading("reading orders") as c:
+            rows = c.execute(f"SELECT id, vm, state, active, body FROM orders {where}ORDER BY id").fetchall()
+        return [_stored_order(r) for r in rows]
 
     def audit_entries(self, since: int = 0) -> Iterator[AuditEntry]:
         while True:
@@ -414,6 +438,19 @@ class SQLiteTransaction:
         self._head = audit.AuditHead(entry.seq, entry.hash)
         self._moved = True
         return entry
+
+    def put_order(self, order: StoredOrder) -> None:
+        try:
+            body = audit.canonical_json(dict(order.body))
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"order {order.id!r} has a body that is not JSON: {e}", vm=order.vm) from e
+        with self._writing("recording an order") as c:
+            c.execute(
+                "INSERT INTO orders (id, vm, state, active, body) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET vm = excluded.vm, state = excluded.state, "
+                "active = excluded.active, body = excluded.body",
+                (order.id, order.vm, order.state, int(order.active), body),
+            )
 
     def _write_head(self) -> None:
         """Record the chain's head once, as the transaction commits (it moves with every entry)."""

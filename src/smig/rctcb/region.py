@@ -14,6 +14,7 @@ The HTTP API, the service loop and the tests all go through this class; the cloc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -383,6 +384,22 @@ class Region:
             self._record(tx, outcome.effects, now)
         self._commit(outcome.rows)
         return Decision(outcome.rows, outcome.effects)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[tuple[Transaction, dict[str, HostRecord], dict[str, HostRecord]]]:
+        """One store transaction under the region's lock, for its other writer (the orchestrator).
+
+        Yields ``(tx, rows, changed)``: ``rows`` the table as it stands, and ``changed`` a dict the
+        caller fills with new rows; they are written in the same transaction and reach the
+        in-memory table once it commits, so neither writer overwrites the other with stale rows.
+        """
+        with self._lock:
+            changed: dict[str, HostRecord] = {}
+            with self.store.transaction() as tx:
+                yield tx, dict(self._rows), changed
+                if changed:
+                    tx.put_all(list(changed.values()))
+            self._commit(changed)
 
     def _commit(self, changed: Mapping[str, HostRecord]) -> None:
         """Take committed rows into the in-memory table; a change of state re-stitches the ring."""
