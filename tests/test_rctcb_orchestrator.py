@@ -390,3 +390,23 @@ def test_a_real_sigkill_of_the_rctcb_process_is_resumed(tmp_path: Path, kill_at:
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()
     restart_and_finish(path, FakeRegionAgents.load(state))
+
+
+def test_smig_migrations_shows_the_orders_from_the_store(db: Path, tmp_path: Path) -> None:
+    vms = [vm("web"), vm("db", 4096, priority=5)]
+    orch = evacuate(db, FakeRegionAgents(), vms)
+    orch._store.close()
+    smig = str(Path(sys.executable).parent / "smig")
+    env = {"PATH": "/usr/bin:/bin", "SMIG_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [smig, "migrations", "--db", str(db), "--all", "--json"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    orders = json.loads(done.stdout)
+    assert sorted(o["vm"]["name"] for o in orders) == ["db", "web"] and {o["state"] for o in orders} == {"done"}
+    in_flight = subprocess.run([smig, "migrations", "--db", str(db)], env=env, capture_output=True, text=True)
+    assert in_flight.returncode == 0 and "no migration orders in flight" in in_flight.stdout
+    missing = subprocess.run(
+        [smig, "migrations", "--db", str(tmp_path / "none.sqlite")], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1

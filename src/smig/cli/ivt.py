@@ -238,3 +238,45 @@ def list_entries(
         body = ", ".join(f"{k}={_short(v)}" for k, v in sorted(e.body.items()))
         table.add_row(str(e.seq), at, escape(e.kind), escape(e.subject), escape(body), e.hash[:12])
     out.print(table)
+
+
+def migrations(
+    db: str | None = _DB,
+    everything: bool = typer.Option(False, "--all", help="Also the finished orders (done or failed)."),
+    as_json: bool = _JSON,
+) -> None:
+    """Show the RC-TCB's migration orders: each VM being moved off an untrusted host, where to, and how far.
+
+    An order goes planned → preparing (the target readies a slot) → migrating → completing →
+    done; a source that refuses or stalls is fenced and the VM restarted on the target from its
+    disk (fencing → restarting → done); failed means no trusted host could take the VM, which
+    keeps running where it was.
+    """
+    # Imported here: the order format is the orchestrator's, and `smig ivt` does not need it.
+    from smig.rctcb.orders import Order
+
+    with _store(db) as store:
+        orders = [Order.from_json(stored.body) for stored in store.orders(active_only=not everything)]
+    orders.sort(key=lambda o: (o.created_at, o.id))
+    if as_json:
+        emit_json([o.to_json() for o in orders])
+        return
+    if not orders:
+        out.print("no migration orders" + ("" if everything else " in flight (--all shows finished ones)"))
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("order", "vm", "from", "to", "state", "attempt", "since", "reason"):
+        table.add_column(column)
+    now = time.time()
+    for o in orders:
+        table.add_row(
+            escape(o.id),
+            escape(o.vm.name),
+            escape(o.source),
+            escape(o.target or "-"),
+            o.state.value,
+            str(o.attempt),
+            _age(o.updated_at, now),
+            escape(o.reason),
+        )
+    out.print(table)

@@ -6,7 +6,7 @@ import typer
 
 from smig import __version__
 from smig.cli import accel as accel_cmd
-from smig.cli import aim, attack, ca, demo, image, ivt, rctcb, vm
+from smig.cli import aim, attack, bench, ca, demo, image, ivt, rctcb, vm
 from smig.cli.common import setup_logging
 
 app = typer.Typer(
@@ -28,9 +28,11 @@ app.add_typer(attack.app, name="attack")
 app.command("accel")(accel_cmd.accel)
 app.command("demo")(demo.demo)
 app.command("ivt")(ivt.ivt)
+app.command("migrations")(ivt.migrations)
 app.add_typer(ivt.audit_app, name="audit")
 app.add_typer(ca.app, name="ca")
 app.add_typer(rctcb.app, name="rctcb")
+app.add_typer(bench.app, name="bench")
 
 
 def _version(value: bool) -> None:
