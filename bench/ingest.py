@@ -55,8 +55,10 @@ def render(r: IngestResult, command: str, raw: str) -> str:
         f"wire, {c.targets} target digests) of {r.monitors} monitors, up to {r.rounds} rounds each, "
         f"{r.batch_size} a request: one agent's reports over {c.rounds_per_batch} rounds, over that agent's own "
         "certificate. Connections: "
-        f"{c.connections.value} ({r.ingest.tls_handshakes} TLS handshakes during the timed phase; the service closes "
-        "a connection idle for 5 s). Then the same requests to `/v1/noop` (same TLS and JSON parsing, nothing "
+        f"{c.connections.value} ({r.ingest.tls_handshakes} TLS handshakes during the timed phase; the service keeps "
+        "an idle connection 75 s, the clients 120 s). Signatures: "
+        f"{'one per request (the batch of one agent, smig.aim.report_batch)' if c.one_signature else 'one per report'}."
+        " Then the same requests to `/v1/noop` (same TLS and JSON parsing, nothing "
         "verified), back to back in the same run. Latency: one request, from send to full response.",
         "",
         "| endpoint | requests | reports | seconds | reports/s | p50 (ms) | p99 (ms) | max (ms) | service CPU (s) "

@@ -317,7 +317,9 @@ class Agent:
 def _client(url: str, home: Path, name: str, connections: int = 1) -> httpx.AsyncClient:
     ca = home / "rctcb" / "ca"
     context = client_ssl_context(ca / "issued" / name / "cert.pem", ca / "issued" / name / "key.pem", ca / "ca.pem")
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # An agent sends a batch every few rounds and keeps its TLS session in between, as the service
+    # allows (75 s keep-alive); httpx would drop an idle connection after 5 s.
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=120.0)
     return httpx.AsyncClient(base_url=url, verify=context, timeout=_TIMEOUT_S, limits=limits, trust_env=False)
 
 
