@@ -239,3 +239,29 @@ def test_a_signed_batch_counts_report_by_report_under_one_signature(lab: Lab) ->
     before = _state(lab)
     results = lab.region.ingest_batch([forged], T0, agent=monitor)
     assert [r.reason for r in results] == ["forged"] and _state(lab) == before
+
+
+def test_requests_waiting_together_share_one_commit_and_keep_their_own_answers(lab: Lab) -> None:
+    import asyncio
+
+    from smig.rctcb.api_ingest import IngestQueue
+
+    monitors = sorted({m for monitors in lab.region.assignment().values() for m in monitors})
+    requests = []
+    for m in monitors:
+        subject = next(s for s, ms in lab.region.assignment().items() if m in ms)
+        requests.append(([sign_report(lab.report(m, subject), lab.keys[m]).to_wire().decode(), "junk"], m))
+    requests.append(([sign_report(lab.report(monitors[0], "h9"), lab.keys[monitors[0]]).to_wire().decode()], "h2"))
+    queue = IngestQueue(lab.region, lambda: T0)
+    entries = lab.store.verify_audit()
+
+    async def all_at_once() -> list[list[Any]]:
+        return await asyncio.gather(*(queue.submit(wires, agent) for wires, agent in requests))
+
+    answers = asyncio.run(all_at_once())
+    assert [[r.reason for r in a] for a in answers[:-1]] == [["", "malformed"]] * len(monitors)
+    assert [[r.reason for r in a] for a in answers[-1:]] == [["wrong-agent"]]
+    assert queue.groups < len(requests), "requests that waited together were judged together"
+    for answer, (_, monitor) in zip(answers[:-1], requests[:-1], strict=True):
+        assert answer[0].report is not None and answer[0].report.monitor == monitor
+    assert lab.store.verify_audit() > entries

@@ -48,12 +48,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smig.aim.report import SignedReport
-from smig.errors import AuditChainBroken, ConfigError, HostExists, ReportRejected
+from smig.errors import AuditChainBroken, ConfigError, HostExists
 from smig.model import HostRecord, Resources
 from smig.rctcb.api_edge import IDENTITY_KEY, ApiEdge, ApiMetrics, record_rejection
 from smig.rctcb.api_events import Broadcaster
 from smig.rctcb.api_identity import ApiError, Identity, Role, client_chain, identify
+from smig.rctcb.api_ingest import IngestQueue
 from smig.rctcb.api_models import (
     AssignmentOut,
     AuditOut,
@@ -143,34 +143,6 @@ class Ticker:
             self.last = at
         self.publish(decision.effects)
         return at, previous, decision
-
-
-def _ingest(region: Region, wires: Sequence[str], agent: str, now: float) -> list[ReportResult]:
-    """Parse and judge a batch (blocking). A wire item that does not parse cannot reach
-    :meth:`Region.ingest_batch` (it takes parsed reports), so its refusal is recorded here, in one
-    transaction for the batch; the rest is judged by the region, in order, in one transaction."""
-    results: list[ReportResult | None] = [None] * len(wires)  # the items that do not even parse
-    parsed: list[SignedReport] = []
-    where: list[int] = []
-    malformed: list[tuple[int, ReportRejected]] = []
-    for i, wire in enumerate(wires):
-        try:
-            parsed.append(SignedReport.from_wire(wire))
-            where.append(i)
-        except ReportRejected as e:
-            results[i] = ReportResult(None, e.host or agent, e.reason, e.message)
-            malformed.append((i, e))
-    if malformed:
-        with region.store.transaction() as tx:
-            for i, refused in malformed:
-                body = {"reason": refused.reason, "message": refused.message, "agent": agent, "index": i}
-                tx.audit("report.rejected", refused.host or "", body, now)
-    # An item may be a monitor's signed batch: it yields one result per report it holds.
-    judged: list[list[ReportResult]] = [[r] if r is not None else [] for r in results]
-    if parsed:
-        for result in region.ingest_batch(parsed, now, agent=agent):
-            judged[where[result.item]].append(result)
-    return [r for item in judged for r in item]
 
 
 def _result_out(r: ReportResult) -> ReportResultOut:
@@ -291,6 +263,8 @@ def _add_routes(
     ticker: Ticker,
     heartbeat_s: float,
 ) -> None:
+    ingest = IngestQueue(region, clock)
+
     async def row_of(host: str) -> HostRecord:
         row = (await asyncio.to_thread(region.rows)).get(host)
         if row is None:
@@ -361,7 +335,7 @@ def _add_routes(
         Each refused report has a ``report.rejected`` audit entry; a refused one changes nothing else.
         """
         started = time.perf_counter()
-        results = await asyncio.to_thread(_ingest, region, body.reports, who.name, clock())
+        results = await ingest.submit(body.reports, who.name)  # judged with whatever else is waiting
         metrics.ingest.observe(time.perf_counter() - started)
         accepted = 0
         for r in results:

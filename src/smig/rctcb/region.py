@@ -336,31 +336,42 @@ class Region:
         cannot submit another's. Returns one result per report (``item`` is the input's index; a
         batch whose signature fails gives one result).
         """
+        return self.ingest_many([(agent, batch)], now)[0]
+
+    def ingest_many(
+        self, requests: Sequence[tuple[str | None, Sequence[SignedReport]]], now: float
+    ) -> list[list[ReportResult]]:
+        """:meth:`ingest_batch` for several ``(agent, batch)`` requests at once, in order, in ONE
+        transaction: the service groups the requests that arrive while the previous group is
+        being judged, so that a commit (and its fsync) serves them all. Results per request."""
         with self._lock:
             run = _Run(self, now)
-            for item, signed in enumerate(batch):
-                if agent is not None and signed.key_id != agent:
-                    run.reject(
-                        item,
-                        signed.key_id,
-                        ReportRejected(
+            owners: list[int] = []
+            for request, (agent, batch) in enumerate(requests):
+                for item, signed in enumerate(batch):
+                    if agent is not None and signed.key_id != agent:
+                        refused = ReportRejected(
                             "wrong-agent",
                             f"a report signed as monitor {signed.key_id!r} came over the connection of agent "
                             f"{agent!r}; an agent submits only its own reports",
                             host=agent,
-                        ),
-                    )
-                elif signed.batch:
-                    run.take_batch(item, signed)
-                else:
-                    run.take_one(item, signed)
+                        )
+                        run.reject(item, signed.key_id, refused)
+                    elif signed.batch:
+                        run.take_batch(item, signed)
+                    else:
+                        run.take_one(item, signed)
+                    owners += [request] * (len(run.results) - len(owners))
             with self.store.transaction() as tx:
                 tx.set_last_sequences([(m, s, q) for (m, s), q in run.sequences.accepted.items()])
                 tx.put_all(list(run.changed.values()))
                 for kind, subject, body in run.audit:
                     tx.audit(kind, subject, body, now)
             self._commit(run.changed)
-            return run.results
+            grouped: list[list[ReportResult]] = [[] for _ in requests]
+            for owner, result in zip(owners, run.results, strict=True):
+                grouped[owner].append(result)
+            return grouped
 
     def tick(self, now: float, previous: float) -> Decision:
         """Let time pass: rows with no fresh verified report turn UNKNOWN, and so on."""
