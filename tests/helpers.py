@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from smig.hypervisor.qemu import QemuDriver
-from smig.model import Heartbeat
+from smig.model import HashAlgorithm, Heartbeat, Mismatch, Report, Verdict
 
 
 def qemu_pids(marker: str) -> list[int]:
@@ -33,3 +35,26 @@ async def rising_heartbeat(driver: QemuDriver, name: str, *, after: int = -1, ti
     second = await driver.wait_heartbeat(name, timeout_s, after=first.counter)
     assert second is not None, f"{name}'s heartbeat stopped at {first.counter}"
     return second
+
+
+def region_report(
+    monitor: str, subject: str, sequence: int, at: float, verdict: Verdict = Verdict.MATCH, **changes: Any
+) -> Report:
+    """A monitor's report on ``subject`` that ended at ``at`` (``changes`` override any field); a
+    MISMATCH names one patched range of the QEMU binary (a verdict must agree with its mismatches)."""
+    report = Report(
+        subject=subject,
+        monitor=monitor,
+        sequence=sequence,
+        started_at=at - 0.1,
+        ended_at=at,
+        algorithm=HashAlgorithm.BLAKE3,
+        root="ab" * 32,
+        verdict=verdict,
+        targets=(),
+        mismatches=(Mismatch("/usr/bin/qemu-system-x86_64", 4096, 16, "code differs", 42),)
+        if verdict is Verdict.MISMATCH
+        else (),
+        measured_bytes=1 << 20,
+    )
+    return dataclasses.replace(report, **changes)

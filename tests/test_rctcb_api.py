@@ -31,11 +31,12 @@ from starlette.types import Receive, Scope, Send
 
 from smig.aim.report import generate_key, public_key_pem, sign_report
 from smig.ivt.base import IVTStore, open_store
-from smig.model import HashAlgorithm, Mismatch, Report, Resources, TrustState, Verdict
+from smig.model import Report, Resources, TrustState, Verdict
 from smig.rctcb.api import create_app
 from smig.rctcb.api_events import Broadcaster
 from smig.rctcb.policy import Restitch
 from smig.rctcb.region import Region, RegionConfig
+from tests.helpers import region_report
 
 T0 = 1_800_000_000.0
 HOSTS = ("h1", "h2", "h3", "h4")
@@ -141,22 +142,7 @@ class Lab:
 
     def report(self, monitor: str, subject: str, verdict: Verdict = Verdict.MATCH, **changes: Any) -> Report:
         self.sequence += 1
-        report = Report(
-            subject=subject,
-            monitor=monitor,
-            sequence=self.sequence,
-            started_at=T0 - 0.5,
-            ended_at=T0 - 0.4,
-            algorithm=HashAlgorithm.BLAKE3,
-            root="ab" * 32,
-            verdict=verdict,
-            targets=(),
-            mismatches=(Mismatch("/usr/bin/qemu-system-x86_64", 4096, 16, "code differs", 42),)
-            if verdict is Verdict.MISMATCH
-            else (),
-            measured_bytes=1 << 20,
-        )
-        return dataclasses.replace(report, **changes)
+        return region_report(monitor, subject, self.sequence, T0 - 0.4, verdict, **changes)
 
     def wire(self, report: Report, key: Ed25519PrivateKey | None = None) -> str:
         return sign_report(report, key or self.keys[report.monitor]).to_wire().decode()

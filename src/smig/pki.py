@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,33 +84,36 @@ def generate_ca(common_name: str, *, days: int = 3650, now: dt.datetime | None =
     return KeyPair(key, cert)
 
 
-def issue(
+def sign_leaf(
     ca: KeyPair,
-    common_name: str,
+    subject: x509.Name,
     *,
-    dns_names: tuple[str, ...] = (),
-    ip_addresses: tuple[str, ...] = (),
+    usages: Sequence[x509.ObjectIdentifier],
+    sans: Sequence[x509.GeneralName] = (),
+    key_encipherment: bool = False,
     days: int = 825,
     now: dt.datetime | None = None,
 ) -> KeyPair:
-    """A certificate signed by ``ca``, valid as both TLS server and TLS client."""
+    """A new EC key and a certificate for it naming ``subject``, signed by ``ca``.
+
+    ``usages`` are the extended key usages (server and/or client auth). ``key_encipherment``
+    is for QEMU: with a critical key usage, its GnuTLS checks demand the bit even for EC keys.
+    """
     now = now or dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names or (common_name,)]
-    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
+        .subject_name(subject)
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate a peer's clock running a little behind
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
-                key_encipherment=True,
+                key_encipherment=key_encipherment,
                 key_cert_sign=False,
                 crl_sign=False,
                 content_commitment=False,
@@ -120,15 +124,28 @@ def issue(
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-        .sign(ca.key, hashes.SHA256())
     )
-    return KeyPair(key, cert)
+    if sans:  # an empty SAN extension is invalid; a client-only certificate needs none
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return KeyPair(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+def issue(
+    ca: KeyPair,
+    common_name: str,
+    *,
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = (),
+    days: int = 825,
+    now: dt.datetime | None = None,
+) -> KeyPair:
+    """A certificate signed by ``ca``, valid as both TLS server and TLS client."""
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names or (common_name,)]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return sign_leaf(ca, _name(common_name), usages=usages, sans=sans, key_encipherment=True, days=days, now=now)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

@@ -34,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from smig.errors import CertificateRejected, ConfigError
 from smig.model import valid_vm_name
 from smig.paths import smig_home
-from smig.pki import KeyPair, _write, generate_ca
+from smig.pki import KeyPair, _write, generate_ca, sign_leaf
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ def issue_identity(
     if role is Role.RCTCB:
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
 
-    # Built here rather than with pki.issue: that one names no OU, and the OU is where the role lives.
-    now = dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
+    # The role lives in the OU, which pki.issue does not name: the subject is built here.
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SMIG"),
@@ -188,35 +186,8 @@ def issue_identity(
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate a peer's clock running a little behind
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_encipherment=False,  # EC keys sign the handshake; they never encipher
-                key_cert_sign=False,
-                crl_sign=False,
-                content_commitment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-    )
-    if sans:  # an empty SAN extension is invalid; client-only certificates need none
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    issued = KeyPair(key, builder.sign(ca_key, hashes.SHA256()))
+    # EC keys sign the handshake; they never encipher.
+    issued = sign_leaf(KeyPair(ca_key, ca_cert), subject, usages=usages, sans=sans, days=days)
 
     target = out if out is not None else directory / "issued" / name
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
