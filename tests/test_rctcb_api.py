@@ -439,3 +439,28 @@ async def _chunks(size: int) -> AsyncIterator[bytes]:
     """A body with no Content-Length: only counting the streamed bytes catches it."""
     for _ in range(0, size, 4096):
         yield b" " * 4096
+
+
+def test_an_operator_approves_a_new_manifest_and_reads_the_migration_orders(lab: Lab) -> None:
+    from smig.ivt.base import StoredOrder
+
+    with lab.store.transaction() as tx:
+        body = {"id": "o-1", "state": "migrating", "source": "h1", "target": "h2"}
+        tx.put_order(StoredOrder("o-1", "web", "migrating", True, body))
+
+    async def story() -> None:
+        async with lab.operator() as op, lab.agent("h1") as agent:
+            r = await op.put("/v1/hosts/h1/manifest", json={"manifest": "n" * 64})
+            assert r.status_code == 200 and r.json()["manifest"] == "n" * 64
+            assert (await agent.put("/v1/hosts/h1/manifest", json={"manifest": "x"})).status_code == 403
+            assert (await op.put("/v1/hosts/h9/manifest", json={"manifest": "x"})).status_code == 404
+            orders = (await op.get("/v1/migrations")).json()["orders"]
+            assert [o["id"] for o in orders] == ["o-1"]
+            assert (await op.get("/v1/migrations/o-1")).json()["target"] == "h2"
+            assert (await op.get("/v1/migrations/o-9")).json()["reason"] == "unknown-order"
+            assert (await agent.get("/v1/migrations")).status_code == 403
+
+    run(story())
+    assert lab.store.get("h1").manifest == "n" * 64
+    approved = [e.body for e in lab.store.audit_entries() if e.kind == "manifest.approved"]
+    assert approved == [{"old": "m" * 64, "new": "n" * 64}]

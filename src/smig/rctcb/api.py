@@ -16,7 +16,9 @@ Endpoints (JSON under ``/v1``; roles in brackets)::
     POST /v1/noop                       [agent]           parse a batch, judge nothing: ingest baseline
     POST /v1/hosts/{host}/maintenance   [operator]        {"on": bool}: row and effects
     POST /v1/hosts/{host}/reenrol       [operator]        row and effects
+    PUT  /v1/hosts/{host}/manifest      [operator]        approve the reference manifest it is measured against
     POST /v1/tick                       [operator, rctcb] let time pass: effects
+    GET  /v1/migrations[?all=true]      [operator]        evacuation orders; /v1/migrations/{id} one of them
     GET  /v1/audit?since=&limit=        [operator]        audit entries
     GET  /v1/audit/verify               [operator]        check the hash chain
     GET  /v1/events                     [agent, operator] server-sent events of every effect
@@ -64,6 +66,8 @@ from smig.rctcb.api_models import (
     HostOut,
     HostsOut,
     MaintenanceIn,
+    ManifestIn,
+    MigrationsOut,
     NoopOut,
     ReportBatchIn,
     ReportResultOut,
@@ -381,6 +385,29 @@ def _add_routes(
         """Let time pass to ``now`` (default: the app's clock): rows gone stale turn UNKNOWN, and so on."""
         now, previous, decision = await ticker.tick(body.now if body else None)
         return TickOut(now=now, previous=previous, effects=effects_out(decision.effects))
+
+    @router.put("/v1/hosts/{host}/manifest")
+    async def approve_manifest(host: str, body: ManifestIn, _: Operator) -> HostOut:
+        """Approve the reference manifest ``host`` is measured against (after an upgrade, say)."""
+        await row_of(host)
+        return host_out(await asyncio.to_thread(region.approve_manifest, host, body.manifest, clock()))
+
+    @router.get("/v1/migrations")
+    async def migrations(
+        _: Operator, everything: Annotated[bool, Query(alias="all", description="finished orders too")] = False
+    ) -> MigrationsOut:
+        """The evacuations' migration orders, in flight (or all of them)."""
+        stored = await asyncio.to_thread(region.store.orders, not everything)
+        return MigrationsOut(orders=[dict(o.body) for o in stored])
+
+    @router.get("/v1/migrations/{order}")
+    async def migration(order: str, _: Operator) -> dict[str, Any]:
+        """One migration order: its state, source, target, attempts and why it is where it is."""
+        stored = await asyncio.to_thread(region.store.orders, False)
+        for o in stored:
+            if o.id == order:
+                return dict(o.body)
+        raise ApiError(404, "unknown-order", f"no migration order {order!r}; GET /v1/migrations?all=true lists them")
 
     @router.get("/v1/audit")
     async def audit(

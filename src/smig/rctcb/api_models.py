@@ -208,3 +208,11 @@ def audit_entry_out(entry: AuditEntry) -> AuditEntryOut:
         prev=entry.prev,
         hash=entry.hash,
     )
+
+
+class ManifestIn(_In):
+    manifest: str = Field(min_length=1, max_length=1024, description="digest of the reference manifest to approve")
+
+
+class MigrationsOut(BaseModel):
+    orders: list[dict[str, Any]] = Field(description="migration orders as the orchestrator records them")

@@ -15,6 +15,7 @@ The HTTP API, the service loop and the tests all go through this class; the cloc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from smig.aim.report import SignedReport, admit_report, load_public_key_pem, verify_report
 from smig.aim.report_batch import authenticate_batch
 from smig.aim.ring import assign_monitors
-from smig.errors import ConfigError, HostExists, ReportRejected
+from smig.errors import ConfigError, HostExists, HostNotFound, ReportRejected
 from smig.ivt.base import IVTStore, Transaction
 from smig.model import HostRecord, Report, Resources, TrustState
 from smig.rctcb.policy import (
@@ -395,6 +396,20 @@ class Region:
             self._record(tx, outcome.effects, now)
         self._commit(outcome.rows)
         return Decision(outcome.rows, outcome.effects)
+
+    def approve_manifest(self, host: str, manifest: str, now: float) -> HostRecord:
+        """Make ``manifest`` (a reference manifest's digest) the one ``host`` is measured against:
+        an operator's decision after an upgrade, recorded with the digest it replaces.
+
+        Raises HostNotFound.
+        """
+        with self.writing() as (tx, rows, changed):
+            row = rows.get(host)
+            if row is None:
+                raise HostNotFound(f"no IVT row for host {host!r}", host=host)
+            changed[host] = dataclasses.replace(row, manifest=manifest)
+            tx.audit("manifest.approved", host, {"old": row.manifest, "new": manifest}, now)
+        return changed[host]
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[tuple[Transaction, dict[str, HostRecord], dict[str, HostRecord]]]:
