@@ -3,6 +3,7 @@ operator talking to it with certificates from the region CA, and a restart that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from smig.aim.report import generate_key, public_key_pem, sign_report
-from smig.model import HashAlgorithm, Report, Verdict
+from smig.model import HashAlgorithm, Mismatch, Report, Verdict
 from smig.rctcb.ca import Role, client_ssl_context, init_ca, issue_identity
 
 SMIG = str(Path(sys.executable).parent / "smig")
@@ -161,3 +162,35 @@ def test_a_foreign_certificate_never_gets_a_conversation(service: Service, tmp_p
     context = client_ssl_context(files.cert, files.key, service.home / "rctcb" / "ca" / "ca.pem")
     with httpx.Client(base_url=service.url, verify=context, timeout=10) as mallory, pytest.raises(httpx.HTTPError):
         mallory.get("/v1/hosts")
+
+
+def test_two_monitors_mismatches_distrust_a_host_and_the_service_plans_its_evacuation(service: Service) -> None:
+    keys = {h: generate_key() for h in HOSTS}
+    with service.client("op") as op:
+        for h in HOSTS:
+            body = {
+                "host": h,
+                "agent_key": public_key_pem(keys[h]).decode(),
+                "manifest": "m" * 64,
+                "capacity": {"vcpus": 8, "memory_mib": 16384},
+                "vouched": True,
+            }
+            assert op.post("/v1/hosts", json=body).status_code == 201
+        monitors = [m for m in HOSTS if "h1" in op.get(f"/v1/assignments/{m}").json()["subjects"]]
+    assert len(monitors) == 2
+    patched = Mismatch("/usr/bin/qemu-system-x86_64", 4096, 16, "code differs from the reference", 42)
+    for monitor in monitors:
+        report = dataclasses.replace(_report(monitor, "h1", 1, Verdict.MISMATCH), mismatches=(patched,))
+        with service.client(monitor) as agent:
+            reply = agent.post("/v1/reports", json={"reports": [sign_report(report, keys[monitor]).to_wire().decode()]})
+            assert reply.status_code == 200, reply.text
+    with service.client("op") as op:
+        assert op.get("/v1/hosts/h1").json()["state"] == "untrusted"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kinds = [(e["kind"], e["subject"]) for e in op.get("/v1/audit").json()["entries"]]
+            if ("evacuation.planned", "h1") in kinds:
+                break
+            time.sleep(0.1)
+        assert ("evacuation.planned", "h1") in kinds, "an UNTRUSTED host's evacuation is planned by the service"
+        assert ("effect.evacuate", "h1") in kinds

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from smig.errors import HypervisorError
 from smig.model import PlacedVM
 
 __all__ = ["AgentClient", "AgentDirectory", "MigrationPhase", "MigrationView", "VMWhere"]
@@ -110,3 +111,14 @@ class AgentDirectory(Protocol):
     def agent(self, host: str) -> AgentClient:
         """The client of ``host``'s agent (no I/O: connecting happens on the first call)."""
         ...
+
+
+class NoAgents:
+    """The directory of a region whose hosts run no agent the RC-TCB can reach yet: every call
+    fails, so the service plans and records evacuations but cannot carry them out."""
+
+    def agent(self, host: str) -> AgentClient:
+        raise HypervisorError(
+            f"no agent is configured for host {host!r}: the RC-TCB can plan its evacuation but not carry it out",
+            host=host,
+        )

@@ -185,6 +185,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.events = events
     app.state.publish = events.publish
+    app.state.effect_hooks = events.hooks
     app.state.tick = ticker.tick
     public = frozenset(
         p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p

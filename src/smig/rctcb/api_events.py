@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from smig.rctcb.api_models import effect_out
 from smig.rctcb.policy import Effect
@@ -40,12 +40,21 @@ class Broadcaster:
         self.queue_size = queue_size
         self._subscribers: set[Subscription] = set()
         self.dropped = 0
+        # Called with every published batch of effects, on the event loop (the service acts on
+        # some of them: an Evacuate starts an evacuation).
+        self.hooks: list[Callable[[Sequence[Effect]], None]] = []
 
     def __len__(self) -> int:
         return len(self._subscribers)
 
     def publish(self, effects: Iterable[Effect]) -> None:
         """Send ``effects`` to every subscriber. Call it on the event loop's thread."""
+        effects = list(effects)
+        for hook in self.hooks:
+            try:
+                hook(effects)
+            except Exception:  # a hook's failure must not cost the subscribers their events
+                log.exception("an effect hook failed")
         events = [(out.kind, out.model_dump_json(exclude_none=True)) for out in map(effect_out, effects)]
         if not events or not self._subscribers:
             return

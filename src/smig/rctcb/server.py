@@ -19,8 +19,9 @@ import math
 import signal
 import socket
 import ssl
+import time
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -33,7 +34,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from smig.errors import ConfigError
 from smig.ivt.base import open_store
 from smig.paths import smig_home
-from smig.rctcb.policy import PolicyConfig
+from smig.rctcb.agents import NoAgents
+from smig.rctcb.orchestrator import Orchestrator
+from smig.rctcb.orders import OrchestratorConfig
+from smig.rctcb.placement import PlacementConfig
+from smig.rctcb.policy import Evacuate, PolicyConfig
 from smig.rctcb.region import Region, RegionConfig
 
 log = logging.getLogger(__name__)
@@ -211,6 +216,34 @@ async def _clock(tick: Callable[[], Awaitable[object]], interval_s: float) -> No
         await tick()
 
 
+class _Evacuations:
+    """Turns the policy's Evacuate effects into evacuation orders.
+
+    Until the per-host agent exists (the next piece of work) the service has no agents to drive:
+    it plans each evacuation (``evacuation.planned`` and one order per VM in the IVT, visible at
+    ``/v1/migrations``) and leaves the orders there for an orchestrator with agents to carry out.
+    """
+
+    def __init__(self, region: Region, config: ServiceConfig) -> None:
+        placement = PlacementConfig(freshness_s=config.region.policy.freshness_s)
+        self.orchestrator = Orchestrator(
+            region, NoAgents(), placement=placement, config=OrchestratorConfig(), clock=time.time
+        )
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def on_effects(self, effects: Sequence[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, Evacuate):
+                task = asyncio.get_running_loop().create_task(self.orchestrator.evacuate(effect.host, effect.reason))
+                self._tasks.add(task)  # held until done: a task nobody references may be collected
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("planning an evacuation failed: %s", task.exception())
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, telling when it has started listening."""
 
@@ -254,6 +287,8 @@ async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | No
     try:
         region = Region(store, config.region)
         app = create_app(region, ca_cert=ca_cert, max_body_bytes=config.max_body_bytes)
+        evacuations = _Evacuations(region, config)
+        app.state.effect_hooks.append(evacuations.on_effects)
         sock = _bind(config.host, config.port)
         uv = uvicorn.Config(
             app,
