@@ -26,6 +26,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,8 @@ class Measurer:
         self.share_clean = share_clean
         self._shadow = Shadow() if in_place else None
         self._wants_pagemap = cow_check or share_clean or in_place
+        self._pagemap_pool: ThreadPoolExecutor | None = None
+        self._maps: dict[int, tuple[str, list[MemoryMapping]]] = {}
         self._in_place_bytes = 0
         self._reader = Reader(manifest.algorithm, manifest.leaf_size, threads=threads)
         self._file_cache: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -111,6 +114,9 @@ class Measurer:
     def close(self) -> None:
         """Stop the hashing threads and drop the in-place mappings; the Measurer is done."""
         self._reader.close()
+        if self._pagemap_pool is not None:
+            self._pagemap_pool.shutdown(wait=True)
+            self._pagemap_pool = None
         if self._shadow is not None:
             self._shadow.close()
             self._shadow = None
@@ -126,6 +132,8 @@ class Measurer:
         measured: list[int] = []
         gone: list[int] = []
         shared: dict[tuple[str, int, int, int], str] = {}
+        pids = list(pids)
+        self._maps = {pid: self._maps[pid] for pid in pids if pid in self._maps}  # forget processes gone
         for pid in pids:
             one = self._measure_or_gone(pid, shared)
             if one is None:
@@ -173,7 +181,7 @@ class Measurer:
         return _Round(mismatches=[hidden])
 
     def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:
-        maps = procfs.read_maps(pid, executable_only=True)
+        maps = self._code_mappings(pid)
         # QEMU allocates the TCG buffer before it loads the accelerator module, so a process just
         # starting may hold the buffer without the module: then it must at least not be using KVM.
         tcg_buffers = 1 if procfs.uses_tcg(maps) or not procfs.uses_kvm(pid) else 0
@@ -184,6 +192,7 @@ class Measurer:
             memory = stack.enter_context(procfs.ProcessMemory(pid))
             pagemap = stack.enter_context(procfs.PageMap(pid)) if self._wants_pagemap else None
             batch = stack.enter_context(self._reader.batch(memory))
+            prefetched = self._prefetch(pagemap, maps)
             for m in maps:
                 name = m.path or "[anon]"
                 target = f"{pid}:{name}@{m.offset:#x}+{m.length:#x}"
@@ -202,7 +211,7 @@ class Measurer:
                 private: list[int] = []
                 view = None
                 if pagemap is not None and not m.anonymous and not m.kernel_page:
-                    entries = pagemap.entries(m)
+                    entries = prefetched[m.start] if m.start in prefetched else pagemap.entries(m)
                     private = procfs.private_pages(entries)
                     if self.share_clean and not private and (m.device, m.inode, m.offset, m.length) in shared:
                         out.targets.append(TargetDigest(target, shared[(m.device, m.inode, m.offset, m.length)]))
@@ -238,6 +247,34 @@ class Measurer:
                 for first, count in _runs(private):
                     at, length = m.offset + first * PAGE, count * PAGE
                     out.mismatches.append(Mismatch(m.path, at, length, "code page written (copy-on-write)", pid))
+
+    def _code_mappings(self, pid: int) -> list[MemoryMapping]:
+        """The code mappings of ``pid``, parsed again only when the kernel's text of them changed
+        (it is read every round, whole: the text is the evidence, the parse a cache of it)."""
+        text = procfs.maps_text(pid)
+        cached = self._maps.get(pid)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        maps = procfs.parse_maps(text, executable_only=True)
+        self._maps[pid] = (text, maps)
+        return maps
+
+    def _prefetch(self, pagemap: procfs.PageMap | None, maps: list[MemoryMapping]) -> dict[int, bytes]:
+        """The pagemap entries of the code's file mappings, read on two threads: the kernel walks
+        the page tables for every entry, and that walk is most of what reading them costs."""
+        wanted = [m for m in maps if not m.anonymous and not m.kernel_page]
+        if pagemap is None or len(wanted) < 2:
+            return {}
+        if self._pagemap_pool is None:
+            self._pagemap_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aim-pagemap")
+        half = len(wanted) // 2
+
+        def read(part: list[MemoryMapping]) -> list[bytes]:
+            return [pagemap.entries(m) for m in part]
+
+        other = self._pagemap_pool.submit(read, wanted[half:])
+        mine = read(wanted[:half])
+        return {m.start: e for m, e in zip(wanted, mine + other.result(), strict=True)}
 
     def _judge_module(self, pid: int, m: MemoryMapping, leaves: list[bytes], out: _Round) -> bool:
         module = self.manifest.modules.get(m.path)

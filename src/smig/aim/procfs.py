@@ -93,16 +93,21 @@ def parse_maps(text: str, *, executable_only: bool = False) -> list[MemoryMappin
     return out
 
 
+def maps_text(pid: int) -> str:
+    """The text of ``/proc/PID/maps``. Raises ProcessGone."""
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+
+
 def read_maps(pid: int, *, executable_only: bool = False) -> list[MemoryMapping]:
     """The mappings of ``pid``.
 
     Raises:
         ProcessGone: the process does not exist (any more).
     """
-    try:
-        return parse_maps(Path(f"/proc/{pid}/maps").read_text(), executable_only=executable_only)
-    except (FileNotFoundError, ProcessLookupError) as e:
-        raise ProcessGone(pid) from e
+    return parse_maps(maps_text(pid), executable_only=executable_only)
 
 
 def executable_mappings(pid: int) -> list[MemoryMapping]:
