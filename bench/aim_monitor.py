@@ -11,10 +11,10 @@ import sys
 import time
 
 from aim_record import MonitorRun, Unexpected
+from smig.aim.keys import generate_key
 from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.reference import Manifest
-from smig.aim.report import generate_key
 from smig.aim.schedule import Schedule
 from smig.lab.bare import bare_qemu
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from smig.aim import procfs, reference
+from smig.aim.keys import load_private_key
 from smig.aim.measure import Measurement, Measurer
 from smig.aim.reference import Manifest
-from smig.aim.report import SignedReport, load_private_key, verify_report
+from smig.aim.report import SignedReport, verify_report
 from smig.errors import ManifestError, ProcessGone
 from smig.lab import attacks, ptrace
 from smig.lab.bare import bare_qemu

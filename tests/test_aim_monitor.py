@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from smig.aim import reference
+from smig.aim.keys import generate_key
 from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.reference import Manifest
-from smig.aim.report import generate_key, verify_report
+from smig.aim.report import verify_report
 from smig.aim.schedule import Schedule, detection_probability
 from smig.errors import ReportRejected
 from smig.hypervisor.migration import live_migrate

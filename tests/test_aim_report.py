@@ -18,18 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from smig.aim.report import (
-    SignedReport,
-    decode_report,
-    encode_report,
-    generate_key,
-    load_private_key,
-    load_public_key_pem,
-    public_key_pem,
-    save_private_key,
-    sign_report,
-    verify_report,
-)
+from smig.aim.keys import generate_key, load_private_key, load_public_key_pem, public_key_pem, save_private_key
+from smig.aim.report import SignedReport, decode_report, encode_report, sign_report, verify_report
 from smig.errors import ConfigError, ReportRejected
 from smig.model import HashAlgorithm, Mismatch, Report, TargetDigest, Verdict
 

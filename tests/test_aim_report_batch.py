@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from smig.aim.report import SignedReport, admit_report, generate_key, sign_report, verify_report
+from smig.aim.keys import generate_key
+from smig.aim.report import SignedReport, admit_report, sign_report, verify_report
 from smig.aim.report_batch import MAX_BATCH, authenticate_batch, decode_batch, encode_batch, sign_batch
 from smig.errors import ReportRejected
 from smig.model import HashAlgorithm, Report, Verdict

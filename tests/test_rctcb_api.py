@@ -29,7 +29,8 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Receive, Scope, Send
 
-from smig.aim.report import generate_key, public_key_pem, sign_report
+from smig.aim.keys import generate_key, public_key_pem
+from smig.aim.report import sign_report
 from smig.ivt.base import IVTStore, open_store
 from smig.model import Report, Resources, TrustState, Verdict
 from smig.rctcb.api import create_app

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from smig.aim.report import SignedReport, generate_key, public_key_pem, sign_report
+from smig.aim.keys import generate_key, public_key_pem
+from smig.aim.report import SignedReport, sign_report
 from smig.errors import ConfigError, HostExists, ReportRejected
 from smig.ivt.base import IVTStore, open_store
 from smig.model import Report, Resources, TrustState, Verdict

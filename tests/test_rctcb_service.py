@@ -3,7 +3,6 @@ operator talking to it with certificates from the region CA, and a restart that 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -16,10 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from smig.aim.report import generate_key, public_key_pem, sign_report
-from smig.model import HashAlgorithm, Mismatch, Report, Verdict
+from smig.aim.keys import generate_key, public_key_pem
+from smig.aim.report import sign_report
+from smig.model import Verdict
 from smig.rctcb.ca import Role, client_ssl_context, init_ca, issue_identity
+from tests.helpers import region_report
 
 SMIG = str(Path(sys.executable).parent / "smig")
 HOSTS = ("h1", "h2", "h3", "h4")
@@ -54,6 +56,21 @@ class Service:
         code = self.proc.wait(timeout=20)
         self.proc = None
         return code
+
+    def enrol_all(self) -> dict[str, Ed25519PrivateKey]:
+        """Enrol every host of HOSTS, vouched for, through the API as the operator; their agent keys."""
+        keys = {h: generate_key() for h in HOSTS}
+        with self.client("op") as op:
+            for h in HOSTS:
+                body = {
+                    "host": h,
+                    "agent_key": public_key_pem(keys[h]).decode(),
+                    "manifest": "m" * 64,
+                    "capacity": {"vcpus": 8, "memory_mib": 16384},
+                    "vouched": True,
+                }
+                assert op.post("/v1/hosts", json=body).status_code == 201
+        return keys
 
     def client(self, name: str | None) -> httpx.Client:
         ca = self.home / "rctcb" / "ca"
@@ -108,30 +125,17 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return out
 
 
-def _report(monitor: str, subject: str, sequence: int, verdict: Verdict = Verdict.MATCH) -> Report:
-    now = time.time()
-    return Report(subject, monitor, sequence, now - 0.5, now - 0.2, HashAlgorithm.BLAKE3, "ab" * 32, verdict, (), (), 1)
-
-
 def test_agents_report_over_mutual_tls_and_nothing_is_lost_across_a_restart(service: Service) -> None:
     assert service.proc is not None
     port = int(service.url.rsplit(":", 1)[1])
     assert listening(service.proc.pid) == {("127.0.0.1", port)}, "it listens on the configured address only"
-    keys = {h: generate_key() for h in HOSTS}
-    with service.client("op") as op:
-        for h in HOSTS:
-            body = {
-                "host": h,
-                "agent_key": public_key_pem(keys[h]).decode(),
-                "manifest": "m" * 64,
-                "capacity": {"vcpus": 8, "memory_mib": 16384},
-                "vouched": True,
-            }
-            assert op.post("/v1/hosts", json=body).status_code == 201
+    keys = service.enrol_all()
     with service.client("h1") as h1:
         subjects = h1.get("/v1/assignments/h1").json()["subjects"]
         assert subjects and "h1" not in subjects
-        reports = [sign_report(_report("h1", s, 1), keys["h1"]).to_wire().decode() for s in subjects]
+        reports = [
+            sign_report(region_report("h1", s, 1, time.time() - 0.2), keys["h1"]).to_wire().decode() for s in subjects
+        ]
         reply = h1.post("/v1/reports", json={"reports": reports})
         assert reply.status_code == 200, reply.text
         assert reply.json()["accepted"] == len(subjects)
@@ -165,22 +169,12 @@ def test_a_foreign_certificate_never_gets_a_conversation(service: Service, tmp_p
 
 
 def test_two_monitors_mismatches_distrust_a_host_and_the_service_plans_its_evacuation(service: Service) -> None:
-    keys = {h: generate_key() for h in HOSTS}
+    keys = service.enrol_all()
     with service.client("op") as op:
-        for h in HOSTS:
-            body = {
-                "host": h,
-                "agent_key": public_key_pem(keys[h]).decode(),
-                "manifest": "m" * 64,
-                "capacity": {"vcpus": 8, "memory_mib": 16384},
-                "vouched": True,
-            }
-            assert op.post("/v1/hosts", json=body).status_code == 201
         monitors = [m for m in HOSTS if "h1" in op.get(f"/v1/assignments/{m}").json()["subjects"]]
     assert len(monitors) == 2
-    patched = Mismatch("/usr/bin/qemu-system-x86_64", 4096, 16, "code differs from the reference", 42)
     for monitor in monitors:
-        report = dataclasses.replace(_report(monitor, "h1", 1, Verdict.MISMATCH), mismatches=(patched,))
+        report = region_report(monitor, "h1", 1, time.time() - 0.2, Verdict.MISMATCH)
         with service.client(monitor) as agent:
             reply = agent.post("/v1/reports", json={"reports": [sign_report(report, keys[monitor]).to_wire().decode()]})
             assert reply.status_code == 200, reply.text

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 import smig
 from smig.aim import elf, procfs
 from smig.aim.hashing import LEAF_SIZE, Reader, combine
-from smig.aim.report import ensure_private_key, load_public_key_pem, public_key_pem
+from smig.aim.keys import ensure_private_key, load_public_key_pem, public_key_pem
 from smig.errors import ConfigError, ManifestError
 from smig.model import HashAlgorithm
 

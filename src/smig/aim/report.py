@@ -22,19 +22,15 @@ import binascii
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from smig.errors import ConfigError, ReportRejected
+from smig.errors import ReportRejected
 from smig.model import HashAlgorithm, Mismatch, Report, TargetDigest, Verdict
 
 log = logging.getLogger(__name__)
@@ -338,14 +334,7 @@ def verify_report(
     except ReportRejected as e:
         raise ReportRejected(e.reason, f"{e.message} (signed as monitor {key_id!r})", host=key_id) from None
 
-    key = keys.get(key_id)
-    if key is None:
-        raise ReportRejected(
-            "unknown-monitor",
-            f"report on {report.subject!r} is signed as monitor {key_id!r}, which has no enrolled public key; "
-            f"enrol the public key of {key_id!r} with the RC-TCB if it is a monitor of this region",
-            host=key_id,
-        )
+    key = enrolled_key(keys, key_id, f"report on {report.subject!r}")
     if report.monitor != key_id:
         raise ReportRejected(
             "unknown-monitor",
@@ -353,19 +342,39 @@ def verify_report(
             f"a monitor may only sign its own reports, so check the agent on {key_id!r}",
             host=key_id,
         )
-    try:
-        key.verify(signed.signature, SIGNING_CONTEXT + signed.payload)
-    except InvalidSignature:
-        raise ReportRejected(
-            "forged",
-            f"report signed as monitor {key_id!r} does not verify under the key enrolled for {key_id!r}: it was "
-            f"altered or signed by another key; if {key_id!r} changed its key, re-enrol it, else treat it as suspect",
-            host=key_id,
-        ) from None
+    check_signature(key, signed, SIGNING_CONTEXT, "report")
 
     return admit_report(
         report, assigned=assigned, last_sequence=last_sequence, now=now, max_age_s=max_age_s, max_skew_s=max_skew_s
     )
+
+
+def enrolled_key(keys: Mapping[str, Ed25519PublicKey], key_id: str, what: str) -> Ed25519PublicKey:
+    """The public key of monitor ``key_id``; ReportRejected ("unknown-monitor") if none is enrolled.
+    ``what`` names the signed thing in the message ("report on 'h1'", "batch")."""
+    key = keys.get(key_id)
+    if key is None:
+        raise ReportRejected(
+            "unknown-monitor",
+            f"{what} is signed as monitor {key_id!r}, which has no enrolled public key; "
+            f"enrol the public key of {key_id!r} with the RC-TCB if it is a monitor of this region",
+            host=key_id,
+        )
+    return key
+
+
+def check_signature(key: Ed25519PublicKey, signed: SignedReport, context: bytes, what: str) -> None:
+    """ReportRejected ("forged") unless ``signed`` verifies under ``key`` with the domain prefix ``context``."""
+    key_id = signed.key_id
+    try:
+        key.verify(signed.signature, context + signed.payload)
+    except InvalidSignature:
+        raise ReportRejected(
+            "forged",
+            f"{what} signed as monitor {key_id!r} does not verify under the key enrolled for {key_id!r}: it was "
+            f"altered or signed by another key; if {key_id!r} changed its key, re-enrol it, else treat it as suspect",
+            host=key_id,
+        ) from None
 
 
 def admit_report(
@@ -425,91 +434,3 @@ def admit_report(
                 host=monitor,
             )
     return report
-
-
-# --- keys ---------------------------------------------------------------------------------------
-
-
-def generate_key() -> Ed25519PrivateKey:
-    """A new Ed25519 key for a monitor."""
-    return Ed25519PrivateKey.generate()
-
-
-def save_private_key(key: Ed25519PrivateKey, path: Path | str) -> None:
-    """Write ``key`` to ``path`` as unencrypted PKCS#8 PEM, readable by its owner only (0600).
-
-    The file is replaced atomically: written to a 0600 temporary file in the same directory, then
-    renamed over ``path``, so a reader sees either the old key or the whole new one, and the key is
-    never readable by others, not even for a moment. Raises :class:`ConfigError` if it cannot be
-    written.
-    """
-    path = Path(path)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    except OSError as e:
-        raise ConfigError(f"cannot write private key {path}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(f"cannot write private key {path}: {e.strerror or e}") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def ensure_private_key(path: Path) -> Ed25519PrivateKey:
-    """The key at ``path``, generated there (mode 0600, in a 0700 directory) on first use.
-
-    Raises:
-        ConfigError: the key file cannot be written or read.
-    """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        save_private_key(generate_key(), path)
-    return load_private_key(path)
-
-
-def load_private_key(path: Path | str) -> Ed25519PrivateKey:
-    """The Ed25519 key that :func:`save_private_key` wrote to ``path``.
-
-    Raises :class:`ConfigError` if the file cannot be read, is not an unencrypted PEM private key,
-    or holds a key of another kind. Logs a warning if others may read it.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        mode = path.stat().st_mode
-    except OSError as e:
-        raise ConfigError(f"cannot read private key {path}: {e.strerror or e}") from e
-    if mode & 0o077:
-        log.warning("private key %s is readable by others (mode %o); run: chmod 600 %s", path, mode & 0o777, path)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-        raise ConfigError(f"private key {path} is not an unencrypted PEM private key: {e}") from e
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"private key {path} is a {type(key).__name__}, not an Ed25519 key; generate a new one")
-    return key
-
-
-def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
-    """The public half of ``key`` as PEM (SubjectPublicKeyInfo): what a monitor enrols with the RC-TCB."""
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def load_public_key_pem(data: bytes) -> Ed25519PublicKey:
-    """The Ed25519 public key in ``data`` (PEM). Raises :class:`ConfigError` if it is not one."""
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-        raise ConfigError(f"not a PEM public key: {e}") from e
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"public key is a {type(key).__name__}, not an Ed25519 key")
-    return key

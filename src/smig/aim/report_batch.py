@@ -18,10 +18,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from smig.aim.report import SignedReport, _dumps, _from_obj, _malformed, _reject_constant, _to_obj
+from smig.aim.report import (
+    SignedReport,
+    _dumps,
+    _from_obj,
+    _malformed,
+    _reject_constant,
+    _to_obj,
+    check_signature,
+    enrolled_key,
+)
 from smig.errors import ReportRejected
 from smig.model import Report
 
@@ -74,22 +82,7 @@ def authenticate_batch(signed: SignedReport, keys: Mapping[str, Ed25519PublicKey
     naming another monitor than the signer), "forged".
     """
     key_id = signed.key_id
-    key = keys.get(key_id)
-    if key is None:
-        raise ReportRejected(
-            "unknown-monitor",
-            f"a batch is signed as monitor {key_id!r}, which has no enrolled public key",
-            host=key_id,
-        )
-    try:
-        key.verify(signed.signature, BATCH_SIGNING_CONTEXT + signed.payload)
-    except InvalidSignature:
-        raise ReportRejected(
-            "forged",
-            f"a batch signed as monitor {key_id!r} does not verify under the key enrolled for {key_id!r}: "
-            "it was altered or signed by another key",
-            host=key_id,
-        ) from None
+    check_signature(enrolled_key(keys, key_id, "a batch"), signed, BATCH_SIGNING_CONTEXT, "a batch")
     try:
         reports = decode_batch(signed.payload)
     except ReportRejected as e:

@@ -13,9 +13,10 @@ from typing import Any
 import typer
 
 from smig.aim import procfs, reference
+from smig.aim.keys import ensure_private_key
 from smig.aim.measure import Measurement, Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
-from smig.aim.report import encode_report, ensure_private_key
+from smig.aim.report import encode_report
 from smig.aim.schedule import Schedule
 from smig.cli.common import emit_json, fail, out
 from smig.errors import SmigError

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from smig.aim.report import generate_key
+from smig.aim.keys import generate_key
 from smig.rctcb.loadgen_model import GOAL_PER_S, QUICK, BenchError, Connections, IngestResult, LoadConfig, Phase
 from smig.rctcb.loadgen_phases import Batch, batches_for, plan_sends, time_phase
 from smig.rctcb.loadgen_region import (
@@ -121,7 +121,7 @@ async def _load(
     c, rpb = config.clients, config.rounds_per_batch
     say(f"opening {len(agents)} agent connections")
     lanes = max(c, 16)  # the handshakes are not timed: open them fast
-    warm = [[Batch(a, b'{"reports":["warm-up"]}', 1, 0.0) for a in agents[i::lanes]] for i in range(lanes)]
+    warm = [[Batch(a, b'{"reports":["warm-up"]}', 1, 0.0, 1) for a in agents[i::lanes]] for i in range(lanes)]
     connect = await time_phase("/v1/noop", warm, service, gate=False, close=False)
     if connect.rejected:
         raise BenchError(f"opening the agents' connections failed: {connect.reasons}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from smig.aim.report import public_key_pem
+from smig.aim.keys import public_key_pem
 from smig.aim.ring import assign_monitors
 from smig.rctcb.ca import Role, client_ssl_context, init_ca, issue_identity
 from smig.rctcb.loadgen_model import BenchError

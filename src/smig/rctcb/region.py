@@ -18,13 +18,15 @@ import contextlib
 import dataclasses
 import logging
 import threading
+from collections import ChainMap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from smig.aim.report import SignedReport, admit_report, load_public_key_pem, verify_report
+from smig.aim.keys import load_public_key_pem
+from smig.aim.report import SignedReport, admit_report, verify_report
 from smig.aim.report_batch import authenticate_batch
 from smig.aim.ring import assign_monitors
 from smig.errors import ConfigError, HostExists, HostNotFound, ReportRejected
@@ -165,7 +167,8 @@ class _Run:
     def __init__(self, region: Region, now: float) -> None:
         self.region = region
         self.now = now
-        self.rows = dict(region._rows)
+        # The region's rows under this run's changes: no copy of the whole table per request.
+        self.rows: ChainMap[str, HostRecord] = ChainMap({}, region._rows)
         self.assigned = region.assignment()
         self.sequences = _Sequences(region.store)
         self.keys = _Keys(region, self.rows)
