@@ -43,7 +43,8 @@ def host(name: str, state: TrustState = TrustState.TRUSTED, verified_at: float |
 
 
 def vm(name: str, on: str) -> PlacedVM:
-    return PlacedVM(name, on, Resources(1, 512), priority=3, anti_affinity="db")
+    spec = f'{{"name": "{name}", "memory_mib": 512}}'
+    return PlacedVM(name, on, Resources(1, 512), priority=3, anti_affinity="db", spec=spec)
 
 
 @pytest.fixture

@@ -68,8 +68,14 @@ def test_init_then_issue_each_role_with_private_keys(region: Path) -> None:
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)
     assert "127.0.0.1" in [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    # An agent serves the RC-TCB's orders and incoming migrations; an operator is only a client.
     agent = _cert(issued[Role.AGENT])
     assert list(agent.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    ]
+    operator = _cert(issued[Role.OPERATOR])
+    assert list(operator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
         ExtendedKeyUsageOID.CLIENT_AUTH
     ]
 

@@ -296,6 +296,8 @@ class PlacedVM:
 
     ``priority``: higher moves first and is placed first when capacity runs short.
     ``anti_affinity``: VMs sharing a group name must not share a host ("" for none).
+    ``spec``: the VM's :class:`VMSpec` as JSON, as its host's agent reported it while the host was
+    trusted: what a target needs to prepare for it ("" when unknown).
     """
 
     name: str
@@ -303,6 +305,7 @@ class PlacedVM:
     needs: Resources
     priority: int = 0
     anti_affinity: str = ""
+    spec: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ from ``BEGIN IMMEDIATE`` to ``COMMIT``, so the asyncio thread and worker threads
 each sees its own uncommitted writes. ``BEGIN IMMEDIATE`` takes SQLite's write lock at the start,
 which avoids the deadlock of two readers both upgrading to writers.
 
-Schema, version 2 (``PRAGMA user_version``; :data:`_MIGRATIONS` carries a file forward, a file
+Schema, version 3 (``PRAGMA user_version``; :data:`_MIGRATIONS` carries a file forward, a file
 newer than this code is refused)::
 
     hosts(host PK, region, address, agent_key, manifest, state, state_since,
           capacity_vcpus, capacity_memory_mib, load_vcpus, load_memory_mib,
           verified_at, verified_monitor, verified_sequence, verified_root, verified_verdict,  -- all NULL or none
           suspected_by JSON list, strikes, enrolled_at)
-    placements(vm PK, host -> hosts, vcpus, memory_mib, priority, anti_affinity)
+    placements(vm PK, host -> hosts, vcpus, memory_mib, priority, anti_affinity, spec JSON)  -- spec: version 3
     sequences(monitor, subject, seq; PK (monitor, subject))
     audit(seq PK, at, kind, subject, body canonical JSON, prev, hash)
     meta(key PK, value)  -- 'audit_head': {"seq": N, "hash": "..."}
@@ -81,6 +81,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             active INTEGER NOT NULL CHECK (active IN (0, 1)), body TEXT NOT NULL)""",
         "CREATE INDEX orders_active ON orders(active, id)",
     ),
+    (
+        # What a target needs to prepare for a VM, as the agent reported it.
+        "ALTER TABLE placements ADD COLUMN spec TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -89,7 +93,7 @@ _HOST_COLUMNS = (
     "load_vcpus, load_memory_mib, verified_at, verified_monitor, verified_sequence, verified_root, "
     "verified_verdict, suspected_by, strikes, enrolled_at"
 )
-_PLACEMENT_COLUMNS = "vm, host, vcpus, memory_mib, priority, anti_affinity"
+_PLACEMENT_COLUMNS = "vm, host, vcpus, memory_mib, priority, anti_affinity, spec"
 
 
 def _host_row(r: HostRecord) -> tuple[Any, ...]:
@@ -125,7 +129,8 @@ def _host_record(row: sqlite3.Row) -> HostRecord:
 
 def _placed_vm(row: sqlite3.Row) -> PlacedVM:
     return PlacedVM(
-        row["vm"], row["host"], Resources(row["vcpus"], row["memory_mib"]), row["priority"], row["anti_affinity"]
+        row["vm"], row["host"], Resources(row["vcpus"], row["memory_mib"]), row["priority"], row["anti_affinity"],
+        row["spec"],
     )
 
 
@@ -407,8 +412,8 @@ class SQLiteTransaction:
             c.execute("DELETE FROM placements WHERE host = ?", (host,))
             # A VM runs in one place only: placing it here moves its row from wherever it was.
             c.executemany(
-                f"INSERT OR REPLACE INTO placements ({_PLACEMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                [(v.name, host, v.needs.vcpus, v.needs.memory_mib, v.priority, v.anti_affinity) for v in vms],
+                f"INSERT OR REPLACE INTO placements ({_PLACEMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(v.name, host, v.needs.vcpus, v.needs.memory_mib, v.priority, v.anti_affinity, v.spec) for v in vms],
             )
 
     def set_last_sequence(self, monitor: str, subject: str, seq: int) -> None:

@@ -156,7 +156,8 @@ def issue_identity(
 
     Files go to ``out`` or ``<directory>/issued/<name>``; issuing a name again replaces its files.
     An ``rctcb`` certificate is valid as TLS server and client and, when no ``dns``/``ips`` are
-    given, covers ``name``, localhost, 127.0.0.1 and ::1; agents and operators are TLS clients.
+    given, covers ``name``, localhost, 127.0.0.1 and ::1; an agent's is server and client for the
+    names given; operators are TLS clients.
 
     Raises:
         ConfigError: no CA in ``directory``, a bad name, role, validity or IP address.
@@ -175,7 +176,9 @@ def issue_identity(
     except ValueError as e:
         raise ConfigError(f"bad subject alternative name: {e}") from e
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if role is Role.RCTCB:
+    # The RC-TCB serves the API; an agent serves the RC-TCB's orders and receives migrations over
+    # TLS, so both are servers too (by the names in their SANs). Operators are clients only.
+    if role in (Role.RCTCB, Role.AGENT):
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
 
     # The role lives in the OU, which pki.issue does not name: the subject is built here.
