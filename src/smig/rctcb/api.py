@@ -14,6 +14,8 @@ Endpoints (JSON under ``/v1``; roles in brackets)::
     GET  /v1/assignments/{monitor}      [agent: itself; operator] the subjects it measures
     POST /v1/reports                    [agent]           a batch of signed reports (see post_reports)
     POST /v1/noop                       [agent]           parse a batch, judge nothing: ingest baseline
+    PUT  /v1/hosts/{host}/agent         [agent: itself]   enrol or re-sync (smig.rctcb.api_agents)
+    PUT  /v1/hosts/{host}/vms           [agent: itself]   the VMs it runs (smig.rctcb.inventory)
     POST /v1/hosts/{host}/maintenance   [operator]        {"on": bool}: row and effects
     POST /v1/hosts/{host}/reenrol       [operator]        row and effects
     PUT  /v1/hosts/{host}/manifest      [operator]        approve the reference manifest it is measured against
@@ -52,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smig.errors import AuditChainBroken, ConfigError, HostExists
 from smig.model import HostRecord, Resources
+from smig.rctcb.api_agents import add_agent_routes
 from smig.rctcb.api_edge import IDENTITY_KEY, ApiEdge, ApiMetrics, record_rejection
 from smig.rctcb.api_events import Broadcaster
 from smig.rctcb.api_identity import ApiError, Identity, Role, client_chain, identify
@@ -162,11 +165,13 @@ def create_app(
     clock: Callable[[], float] = time.time,
     max_body_bytes: int = 4 << 20,
     heartbeat_s: float = 15.0,
+    default_manifest: str = "",
 ) -> FastAPI:
     """The API over ``region``; clients must hold certificates ``ca_cert`` issued.
 
     ``clock`` gives Unix seconds: report freshness, certificate validity and audit times follow
-    it. ``app.state.publish(effects)`` sends effects to ``/v1/events`` and ``app.state.tick(now)``
+    it. ``default_manifest`` lets unknown hosts' agents enrol themselves (ENROLLING, measured against
+    it). ``app.state.publish(effects)`` sends effects to ``/v1/events`` and ``app.state.tick(now)``
     ticks the region, for the service loop; both must be called on the app's event loop.
     """
     metrics = ApiMetrics()
@@ -203,6 +208,7 @@ def create_app(
     _add_error_handlers(app, region, clock)
     # Routes go on the app itself, not an included router: the edge names a request by its route's template.
     _add_routes(app, region, clock, metrics, events, ticker, heartbeat_s)
+    add_agent_routes(app, region, clock, events, require(Role.AGENT), default_manifest=default_manifest)
     return app
 
 
