@@ -163,6 +163,11 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
+    yield from new_lab(tmp_path)
+
+
+def new_lab(tmp_path: Path) -> Iterator[Lab]:
+    """Four vouched hosts behind the API (the body of the ``lab`` fixture, for other test files)."""
     store = open_store(str(tmp_path / "ivt.sqlite"))
     region = Region(store, RegionConfig(max_age_s=30, max_skew_s=5))
     keys = {h: generate_key() for h in HOSTS}

@@ -5,13 +5,22 @@ while the host is not in good standing."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from smig.aim.keys import generate_key, public_key_pem
 from smig.ivt.base import StoredOrder
 from smig.model import PlacedVM, Resources, TrustState
 from smig.rctcb.api import create_app
-from tests.test_rctcb_api import T0, Lab, lab, run  # noqa: F401  (lab is a fixture)
+from tests.test_rctcb_api import Lab, new_lab, run
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    yield from new_lab(tmp_path)
 
 
 def _enrol_body(lab: Lab, host: str, **changes: Any) -> dict[str, Any]:
@@ -107,5 +116,22 @@ def test_an_untrusted_host_cannot_hide_its_vms_and_a_moving_vm_belongs_to_the_or
         kinds = [e.kind for e in lab.store.audit_entries()]
         assert kinds[-1] == "inventory.frozen"
         assert all(isinstance(vm, PlacedVM) for vm in lab.store.placements())
+
+    run(story())
+
+
+def test_operators_and_agents_read_where_every_vm_runs(lab: Lab) -> None:
+    async def story() -> None:
+        async with lab.agent("h1") as h1, lab.agent("h2") as h2, lab.operator() as op:
+            await h1.put("/v1/hosts/h1/vms", json={"vms": [_vm("web")]})
+            await h2.put("/v1/hosts/h2/vms", json={"vms": [_vm("db", 512)]})
+            expected = {
+                "vms": [
+                    {"name": "web", "host": "h1", "vcpus": 1, "memory_mib": 256},
+                    {"name": "db", "host": "h2", "vcpus": 1, "memory_mib": 512},
+                ]
+            }
+            assert (await op.get("/v1/vms")).json() == expected
+            assert (await h2.get("/v1/vms")).json() == expected
 
     run(story())

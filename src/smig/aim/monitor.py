@@ -124,6 +124,11 @@ class Monitor:
         signed = sign_report(report, self._key)
         return Observation(signed, report, m, time.thread_time() + self._measurer.worker_cpu_s - cpu0)
 
+    async def measure_now(self, subject: Subject) -> Observation:
+        """Measure ``subject`` at once (the RC-TCB asked for a re-measurement), in turn with the
+        loops' rounds: one measuring thread serves them all."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.measure_once, subject)
+
     async def run(
         self,
         subject: Subject,

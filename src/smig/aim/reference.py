@@ -15,6 +15,7 @@ for hosts that run the same kernel build as the trusted builder.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import platform
@@ -259,6 +260,12 @@ def build(
 
 def _canonical(manifest: Manifest) -> bytes:
     return json.dumps(manifest.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """What the IVT records as a host's approved manifest: SHA-256 of its canonical JSON, in hex.
+    A monitor measures a subject only against the manifest whose digest the subject's row holds."""
+    return hashlib.sha256(_canonical(manifest)).hexdigest()
 
 
 def sign(manifest: Manifest, key: Ed25519PrivateKey) -> dict[str, Any]:

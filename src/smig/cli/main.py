@@ -6,7 +6,7 @@ import typer
 
 from smig import __version__
 from smig.cli import accel as accel_cmd
-from smig.cli import aim, attack, bench, ca, demo, image, ivt, rctcb, vm
+from smig.cli import agent, aim, attack, bench, ca, demo, image, ivt, lab, rctcb, vm
 from smig.cli.common import setup_logging
 
 app = typer.Typer(
@@ -33,6 +33,8 @@ app.add_typer(ivt.audit_app, name="audit")
 app.add_typer(ca.app, name="ca")
 app.add_typer(rctcb.app, name="rctcb")
 app.add_typer(bench.app, name="bench")
+app.add_typer(agent.app, name="agent")
+app.add_typer(lab.app, name="lab")
 
 
 def _version(value: bool) -> None:

@@ -129,7 +129,11 @@ def _host_record(row: sqlite3.Row) -> HostRecord:
 
 def _placed_vm(row: sqlite3.Row) -> PlacedVM:
     return PlacedVM(
-        row["vm"], row["host"], Resources(row["vcpus"], row["memory_mib"]), row["priority"], row["anti_affinity"],
+        row["vm"],
+        row["host"],
+        Resources(row["vcpus"], row["memory_mib"]),
+        row["priority"],
+        row["anti_affinity"],
         row["spec"],
     )
 

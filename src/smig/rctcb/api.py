@@ -208,7 +208,15 @@ def create_app(
     _add_error_handlers(app, region, clock)
     # Routes go on the app itself, not an included router: the edge names a request by its route's template.
     _add_routes(app, region, clock, metrics, events, ticker, heartbeat_s)
-    add_agent_routes(app, region, clock, events, require(Role.AGENT), default_manifest=default_manifest)
+    add_agent_routes(
+        app,
+        region,
+        clock,
+        events,
+        require(Role.AGENT),
+        require(Role.AGENT, Role.OPERATOR),
+        default_manifest=default_manifest,
+    )
     return app
 
 

@@ -6,6 +6,7 @@ as the trust model lets a host's word count:
 
     PUT /v1/hosts/{host}/agent   [agent: itself]  enrol, or re-sync after a restart
     PUT /v1/hosts/{host}/vms     [agent: itself]  the VMs the host runs (see smig.rctcb.inventory)
+    GET /v1/vms                  [agent, operator] every placement: which VM runs where
 
 Enrolling: a host the operator enrolled already (the lab and a careful operator do, vouching for
 the region's first hosts) re-syncs: same key → 200 with its row, its address and capacity
@@ -76,17 +77,41 @@ def _itself(who: Identity, host: str, what: str) -> None:
         raise ApiError(403, "not-yours", f"agent {who.name!r} may {what} only for its own host, not for {host!r}")
 
 
+class PlacementOut(BaseModel):
+    name: str
+    host: str
+    vcpus: int
+    memory_mib: int
+
+
+class PlacementsOut(BaseModel):
+    vms: list[PlacementOut]
+
+
 def add_agent_routes(
     router: FastAPI,
     region: Region,
     clock: Callable[[], float],
     events: Broadcaster,
     agent: Callable[..., object],
+    reader: Callable[..., object],
     *,
     default_manifest: str = "",
 ) -> None:
-    """Add the routes above; ``agent`` is the dependency that yields the caller's Identity."""
+    """Add the routes above; ``agent`` and ``reader`` are the dependencies that yield the caller's
+    Identity for the agent role and for the reading roles."""
     Caller = Annotated[Identity, Depends(agent)]
+    Reader = Annotated[Identity, Depends(reader)]
+
+    @router.get("/v1/vms")
+    async def placements(_: Reader) -> PlacementsOut:
+        """Every VM the IVT places, and where."""
+        vms = await asyncio.to_thread(region.store.placements)
+        return PlacementsOut(
+            vms=[
+                PlacementOut(name=v.name, host=v.host, vcpus=v.needs.vcpus, memory_mib=v.needs.memory_mib) for v in vms
+            ]
+        )
 
     @router.put("/v1/hosts/{host}/agent")
     async def agent_enrol(host: str, body: AgentEnrolIn, who: Caller) -> HostOut:

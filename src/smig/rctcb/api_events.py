@@ -55,7 +55,10 @@ class Broadcaster:
                 hook(effects)
             except Exception:  # a hook's failure must not cost the subscribers their events
                 log.exception("an effect hook failed")
-        events = [(out.kind, out.model_dump_json(exclude_none=True)) for out in map(effect_out, effects)]
+        self.send([(out.kind, out.model_dump_json(exclude_none=True)) for out in map(effect_out, effects)])
+
+    def send(self, events: Sequence[tuple[str, str]]) -> None:
+        """Send ready-made ``(event name, JSON data)`` events (the orchestrator's migration steps)."""
         if not events or not self._subscribers:
             return
         for sub in list(self._subscribers):

@@ -93,6 +93,9 @@ class Orchestrator:
         self._clock = clock
         self._orders: dict[str, Order] = {}
         self._pending: dict[str, Observation] = {}  # the agents' last answers, not yet acted on
+        # Told of every order step once it is committed, and of each progress answer: the
+        # service streams them as ``migration.*`` events.
+        self.listeners: list[Callable[[str, dict[str, object]], None]] = []
         self._load()
 
     def _load(self) -> None:
@@ -167,6 +170,16 @@ class Orchestrator:
         for order_id, answer in results:
             if answer is not None and order_id in self._orders:
                 self._pending[order_id] = answer
+                if isinstance(answer, Progress):
+                    view = answer.view
+                    self._tell(
+                        "migration.progress",
+                        self._orders[order_id],
+                        at=self._clock(),
+                        status=view.status.value,
+                        transferred_bytes=view.transferred_bytes,
+                        remaining_bytes=view.remaining_bytes,
+                    )
 
     async def run_until_idle(self, timeout_s: float) -> None:
         """Run rounds until no order is active. Raises MigrationError if some still are after
@@ -241,6 +254,24 @@ class Orchestrator:
             else:
                 self._orders.pop(new.id, None)
                 self._pending.pop(new.id, None)
+            self._tell(f"migration.{new.state.value}", new, at=now)
+
+    def _tell(self, kind: str, order: Order, **extra: object) -> None:
+        body: dict[str, object] = {
+            "order": order.id,
+            "vm": order.vm.name,
+            "source": order.source,
+            "target": order.target,
+            "state": order.state.value,
+            "attempt": order.attempt,
+            "reason": order.reason,
+            **extra,
+        }
+        for listener in self.listeners:
+            try:
+                listener(kind, body)
+            except Exception:  # a listener's failure must not stop an evacuation
+                log.exception("a migration listener failed")
 
     def _land(self, tx: Transaction, order: Order, current: dict[str, HostRecord], rows: dict[str, HostRecord]) -> None:
         """Record that ``order``'s VM runs on its target now: placements and both hosts' load."""

@@ -4,7 +4,9 @@
 a :class:`~smig.rctcb.region.Region`, and serves it with uvicorn on exactly the address the
 configuration names, requiring a client certificate from the region CA on every connection.
 A background task lets time pass (``Region.tick``) once a second, so hosts that stop being
-measured turn UNKNOWN without anyone asking.
+measured turn UNKNOWN without anyone asking; another drives evacuations through the hosts' agents
+(:mod:`smig.rctcb.evacuations`, :mod:`smig.rctcb.agent_http`), resuming on start whatever a
+previous run left in flight.
 
 uvicorn does not hand the client certificate to the application, so :class:`PeerCertProtocol`
 puts it in the ASGI scope as the ASGI TLS extension describes
@@ -21,7 +23,7 @@ import socket
 import ssl
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -31,14 +33,15 @@ import uvicorn
 from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from smig.errors import ConfigError
+from smig.errors import ConfigError, HypervisorError
 from smig.ivt.base import open_store
 from smig.paths import smig_home
-from smig.rctcb.agents import NoAgents
+from smig.rctcb.agents import AgentDirectory, NoAgents
+from smig.rctcb.evacuations import Evacuations
 from smig.rctcb.orchestrator import Orchestrator
 from smig.rctcb.orders import OrchestratorConfig
 from smig.rctcb.placement import PlacementConfig
-from smig.rctcb.policy import Evacuate, PolicyConfig
+from smig.rctcb.policy import PolicyConfig
 from smig.rctcb.region import Region, RegionConfig
 
 log = logging.getLogger(__name__)
@@ -59,10 +62,29 @@ class ServiceConfig:
     region: RegionConfig = field(default_factory=RegionConfig)
     tick_interval_s: float = 1.0
     max_body_bytes: int = 4 << 20
+    manifest: str = ""  # the default manifest's digest: unknown hosts' agents may enrol themselves
+    agents: bool = True  # drive evacuations through the hosts' agents (False: plan them only)
+    fencing: str = "none"  # "netns", "command" or "none": how a refusing source is stopped out of band
+    fence_netns: str = "/run/netns/{host}"
+    fence_command: tuple[str, ...] = ()
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
 
 _SECTIONS: dict[str, frozenset[str]] = {
-    "rctcb": frozenset({"listen", "store", "ca", "cert", "key", "tick_interval_s", "max_body_bytes"}),
+    "rctcb": frozenset({"listen", "store", "ca", "cert", "key", "tick_interval_s", "max_body_bytes", "manifest"}),
+    "agents": frozenset(
+        {
+            "enabled",
+            "fencing",
+            "fence_netns",
+            "fence_command",
+            "call_timeout_s",
+            "completion_timeout_per_gib_s",
+            "completion_timeout_floor_s",
+            "max_attempts",
+            "fence_timeout_s",
+        }
+    ),
     "policy": frozenset({"kind", "freshness_s", "unknown_grace_s", "strike_limit"}),
     "reports": frozenset({"max_age_s", "max_skew_s", "monitors_per_host"}),
 }
@@ -87,6 +109,16 @@ strike_limit = 3                   # contradicted accusations that make a monito
 max_age_s = 30.0                   # a report older than this is stale
 max_skew_s = 5.0                   # how far in the future a report's times may be
 monitors_per_host = 2
+
+[agents]
+enabled = true                     # drive evacuations through the hosts' agents
+fencing = "command"                # how a source that will not migrate is stopped out of band:
+fence_command = ["/usr/local/sbin/fence-vm", "{host}", "{vm}"]   # e.g. a BMC/IPMI script; or
+# fencing = "netns"; fence_netns = "/run/netns/{host}"   (the lab: hosts are network namespaces)
+call_timeout_s = 30.0              # one call to an agent
+completion_timeout_per_gib_s = 60.0
+completion_timeout_floor_s = 30.0  # a live migration running longer than this (or per GiB): fence
+max_attempts = 3                   # targets tried live before fencing and a cold restart
 """
 
 
@@ -151,6 +183,22 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
     tick = _number(service, "tick_interval_s", 1.0)
     if tick <= 0:
         raise ConfigError(f"rctcb.tick_interval_s must be positive, not {tick}")
+    agents: dict[str, Any] = data.get("agents", {})
+    fencing = str(agents.get("fencing", "none"))
+    if fencing not in ("netns", "command", "none"):
+        raise ConfigError(f"agents.fencing must be netns, command or none, not {fencing!r}")
+    command = agents.get("fence_command", [])
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        raise ConfigError("agents.fence_command must be a list of strings, e.g. ['fence-vm', '{host}', '{vm}']")
+    if fencing == "command" and not command:
+        raise ConfigError("agents.fencing = 'command' needs agents.fence_command")
+    orchestrator = OrchestratorConfig(
+        completion_timeout_per_gib_s=_number(agents, "completion_timeout_per_gib_s", 60.0),
+        completion_timeout_floor_s=_number(agents, "completion_timeout_floor_s", 30.0),
+        max_attempts=int(_number(agents, "max_attempts", 3)),
+        fence_timeout_s=_number(agents, "fence_timeout_s", 60.0),
+        call_timeout_s=_number(agents, "call_timeout_s", 30.0),
+    )
     return ServiceConfig(
         host=host,
         port=port,
@@ -161,6 +209,12 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
         region=region,
         tick_interval_s=tick,
         max_body_bytes=int(_number(service, "max_body_bytes", 4 << 20)),
+        manifest=str(service.get("manifest", "")),
+        agents=bool(agents.get("enabled", True)),
+        fencing=fencing,
+        fence_netns=str(agents.get("fence_netns", "/run/netns/{host}")),
+        fence_command=tuple(command),
+        orchestrator=orchestrator,
     )
 
 
@@ -216,32 +270,28 @@ async def _clock(tick: Callable[[], Awaitable[object]], interval_s: float) -> No
         await tick()
 
 
-class _Evacuations:
-    """Turns the policy's Evacuate effects into evacuation orders.
+def _agents(config: ServiceConfig, region: Region) -> AgentDirectory:
+    """How the orchestrator reaches each host's agent: HTTPS to the address in its IVT row, with
+    the RC-TCB's own certificate; fencing out of band as configured."""
+    if not config.agents:
+        return NoAgents()
+    from smig.rctcb.agent_http import CommandFencer, Fencer, HttpAgentDirectory, NetnsFencer
+    from smig.rctcb.ca import client_ssl_context
 
-    Until the per-host agent exists (the next piece of work) the service has no agents to drive:
-    it plans each evacuation (``evacuation.planned`` and one order per VM in the IVT, visible at
-    ``/v1/migrations``) and leaves the orders there for an orchestrator with agents to carry out.
-    """
+    fencer: Fencer | None = None
+    if config.fencing == "netns":
+        fencer = NetnsFencer(lambda host: config.fence_netns.format(host=host))
+    elif config.fencing == "command":
+        fencer = CommandFencer(config.fence_command)
+    context = client_ssl_context(config.cert, config.key, config.ca)
 
-    def __init__(self, region: Region, config: ServiceConfig) -> None:
-        placement = PlacementConfig(freshness_s=config.region.policy.freshness_s)
-        self.orchestrator = Orchestrator(
-            region, NoAgents(), placement=placement, config=OrchestratorConfig(), clock=time.time
-        )
-        self._tasks: set[asyncio.Task[object]] = set()
+    def address_of(host: str) -> str:
+        row = region.rows().get(host)
+        if row is None or not row.address:
+            raise HypervisorError(f"host {host!r} has no agent address in the IVT", host=host)
+        return row.address
 
-    def on_effects(self, effects: Sequence[object]) -> None:
-        for effect in effects:
-            if isinstance(effect, Evacuate):
-                task = asyncio.get_running_loop().create_task(self.orchestrator.evacuate(effect.host, effect.reason))
-                self._tasks.add(task)  # held until done: a task nobody references may be collected
-                task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[object]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("planning an evacuation failed: %s", task.exception())
+    return HttpAgentDirectory(address_of, context, fencer, timeout_s=config.orchestrator.call_timeout_s)
 
 
 class _Server(uvicorn.Server):
@@ -266,7 +316,7 @@ class _Server(uvicorn.Server):
 
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("the RC-TCB clock stopped: %s", task.exception())
+        log.error("a background task of the RC-TCB stopped: %s", task.exception())
 
 
 async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | None = None) -> None:
@@ -286,8 +336,14 @@ async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | No
     store = open_store(config.store)
     try:
         region = Region(store, config.region)
-        app = create_app(region, ca_cert=ca_cert, max_body_bytes=config.max_body_bytes)
-        evacuations = _Evacuations(region, config)
+        app = create_app(
+            region, ca_cert=ca_cert, max_body_bytes=config.max_body_bytes, default_manifest=config.manifest
+        )
+        placement = PlacementConfig(freshness_s=config.region.policy.freshness_s)
+        orchestrator = Orchestrator(
+            region, _agents(config, region), placement=placement, config=config.orchestrator, clock=time.time
+        )
+        evacuations = Evacuations(orchestrator, app.state.events.send)
         app.state.effect_hooks.append(evacuations.on_effects)
         sock = _bind(config.host, config.port)
         uv = uvicorn.Config(
@@ -305,10 +361,13 @@ async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | No
         server = _Server(uv, lambda: ready(config.host, port) if ready is not None else None)
         clock = asyncio.create_task(_clock(app.state.tick, config.tick_interval_s))
         clock.add_done_callback(_report_crash)
+        driving = asyncio.create_task(evacuations.run())
+        driving.add_done_callback(_report_crash)
         try:
             await server.serve(sockets=[sock])
         finally:
             clock.cancel()
+            driving.cancel()
             sock.close()
     finally:
         store.close()

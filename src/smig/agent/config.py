@@ -1,0 +1,203 @@
+"""The agent's configuration file: who the host is, where the RC-TCB is, what the agent may listen on.
+
+``smig agent run --config FILE`` reads it; ``smig agent config`` prints the example below. Every
+path is explicit, and the agent listens on exactly ``[agent] listen`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smig.errors import ConfigError
+
+EXAMPLE = """\
+# smig agent run --config THIS_FILE
+[agent]
+host = "h1"                            # this host's id: the CN of its agent certificate
+region = "lab"
+rctcb = "https://10.77.0.1:8443"       # the RC-TCB's API
+listen = "10.77.0.2:7443"              # the one address the agent listens on (the RC-TCB's orders)
+home = "/var/lib/smig/h1"              # the QEMU driver's home: VM records, sockets, journals
+cache = "/var/cache/smig"              # the guest image and the accelerator verdict
+ca = "/etc/smig/ca.pem"                # the region CA
+cert = "/etc/smig/h1/cert.pem"         # this agent's certificate (role agent, CN = host, SAN = its address)
+key = "/etc/smig/h1/key.pem"
+signing_key = "/etc/smig/h1/agent-key.pem"   # Ed25519: signs this host's reports on its subjects
+capacity_vcpus = 8
+capacity_memory_mib = 16384
+
+[monitor]
+reference = "/etc/smig/reference/manifest.json"  # the approved reference manifest (signed)
+reference_key = "/etc/smig/reference/key.pub"     # who must have signed it
+mean_interval_s = 1.0
+jitter = 0.5
+max_cpu_share = 0.25
+# How this monitor reaches a subject's hypervisor processes. On one machine (the lab) a host is a
+# network namespace and its processes are those in it; this stands for a real neighbour's
+# out-of-band access (BMC, DMA, a TPM-anchored measurement agent).
+subject_netns = "/run/netns/smig-lab-{host}"
+
+[migration]
+tls = true                             # migrate over mutual TLS with this agent's certificate
+bandwidth_mibps = 0                    # 0: the driver's default for the accelerator
+downtime_ms = 300
+"""
+
+_SECTIONS: dict[str, frozenset[str]] = {
+    "agent": frozenset(
+        {
+            "host",
+            "region",
+            "rctcb",
+            "listen",
+            "home",
+            "cache",
+            "ca",
+            "cert",
+            "key",
+            "signing_key",
+            "capacity_vcpus",
+            "capacity_memory_mib",
+            "address",
+            "inventory_interval_s",
+        }
+    ),
+    "monitor": frozenset(
+        {"reference", "reference_key", "mean_interval_s", "jitter", "max_cpu_share", "subject_netns", "enabled"}
+    ),
+    "migration": frozenset({"tls", "bandwidth_mibps", "downtime_ms"}),
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything ``smig agent run`` needs."""
+
+    host: str
+    region: str
+    rctcb: str
+    listen_host: str
+    listen_port: int
+    home: Path
+    cache: Path
+    ca: Path
+    cert: Path
+    key: Path
+    signing_key: Path
+    capacity_vcpus: int
+    capacity_memory_mib: int
+    reference: Path
+    reference_key: Path
+    address: str = ""  # the orders API's base URL as the RC-TCB reaches it (default: from listen)
+    inventory_interval_s: float = 2.0
+    monitoring: bool = True
+    mean_interval_s: float = 1.0
+    jitter: float = 0.5
+    max_cpu_share: float = 0.25
+    subject_netns: str = "/run/netns/{host}"
+    migration_tls: bool = True
+    bandwidth_mibps: float = 0.0
+    downtime_ms: int = 300
+
+    @property
+    def orders_url(self) -> str:
+        return self.address or f"https://{self.listen_host}:{self.listen_port}"
+
+    def netns_of(self, host: str) -> str:
+        return self.subject_netns.format(host=host)
+
+
+def _listen(value: object) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"agent.listen must be 'ADDRESS:PORT', not {value!r}")
+    host, _, port = value.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"agent.listen has no valid port in {value!r}") from None
+    if not host or not 0 <= number <= 65535:
+        raise ConfigError(f"agent.listen needs one address and a port in 0-65535, not {value!r}")
+    return host.strip("[]"), number
+
+
+def _num(section: Mapping[str, Any], key: str, default: float, *, positive: bool = True) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a number, not {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{key} must be positive, not {value!r}")
+    return float(value)
+
+
+def _required(section: Mapping[str, Any], key: str, where: str) -> str:
+    value = section.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"[{where}] {key} is required (see `smig agent config` for an example)")
+    return value
+
+
+def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig:
+    """Raises ConfigError naming the key that is wrong, missing or unknown."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source} is not valid TOML: {e}") from e
+    for name, section in data.items():
+        if name not in _SECTIONS or not isinstance(section, dict):
+            raise ConfigError(f"unknown section [{name}] in {source}; the sections are {', '.join(sorted(_SECTIONS))}")
+        unknown = set(section) - _SECTIONS[name]
+        if unknown:
+            allowed = ", ".join(sorted(_SECTIONS[name]))
+            raise ConfigError(
+                f"unknown key(s) {', '.join(sorted(unknown))} in [{name}] of {source}; allowed: {allowed}"
+            )
+    agent: dict[str, Any] = data.get("agent", {})
+    monitor: dict[str, Any] = data.get("monitor", {})
+    migration: dict[str, Any] = data.get("migration", {})
+    rctcb = _required(agent, "rctcb", "agent")
+    if not rctcb.startswith("https://"):
+        raise ConfigError(f"agent.rctcb must be an https:// URL (the RC-TCB speaks only mutual TLS), not {rctcb!r}")
+    listen_host, listen_port = _listen(_required(agent, "listen", "agent"))
+    subject_netns = str(monitor.get("subject_netns", "/run/netns/{host}"))
+    if "{host}" not in subject_netns:
+        raise ConfigError(f"monitor.subject_netns must contain {{host}}, not {subject_netns!r}")
+    return AgentConfig(
+        host=_required(agent, "host", "agent"),
+        region=str(agent.get("region", "")),
+        rctcb=rctcb.rstrip("/"),
+        listen_host=listen_host,
+        listen_port=listen_port,
+        home=Path(_required(agent, "home", "agent")),
+        cache=Path(_required(agent, "cache", "agent")),
+        ca=Path(_required(agent, "ca", "agent")),
+        cert=Path(_required(agent, "cert", "agent")),
+        key=Path(_required(agent, "key", "agent")),
+        signing_key=Path(_required(agent, "signing_key", "agent")),
+        capacity_vcpus=int(_num(agent, "capacity_vcpus", 2)),
+        capacity_memory_mib=int(_num(agent, "capacity_memory_mib", 4096)),
+        address=str(agent.get("address", "")),
+        inventory_interval_s=_num(agent, "inventory_interval_s", 2.0),
+        reference=Path(_required(monitor, "reference", "monitor")),
+        reference_key=Path(_required(monitor, "reference_key", "monitor")),
+        monitoring=bool(monitor.get("enabled", True)),
+        mean_interval_s=_num(monitor, "mean_interval_s", 1.0),
+        jitter=_num(monitor, "jitter", 0.5, positive=False),
+        max_cpu_share=_num(monitor, "max_cpu_share", 0.25),
+        subject_netns=subject_netns,
+        migration_tls=bool(migration.get("tls", True)),
+        bandwidth_mibps=_num(migration, "bandwidth_mibps", 0.0, positive=False),
+        downtime_ms=int(_num(migration, "downtime_ms", 300)),
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the agent configuration {path}: {e.strerror or e}") from e
+    return parse_config(text, source=str(path))

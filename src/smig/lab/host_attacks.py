@@ -1,0 +1,117 @@
+"""Attacks on one lab host's hypervisor, built on :mod:`smig.lab.attacks`.
+
+The lab's hosts share this machine's filesystem, so an attack on disk must not touch the
+installed QEMU (every host would turn untrusted). The on-disk kinds therefore act on the attacked
+host alone: ``swap-binary`` modifies a private copy of QEMU and starts a hypervisor process from
+it inside the host; ``preload`` starts one with an injected library. The in-memory kinds patch a
+running hypervisor process of the host (one of its VMs' QEMU).
+
+======================  ==============================================================
+kind                    what changes on the host
+======================  ==============================================================
+``patch``               one byte of the QEMU binary's code, in a running VM's process
+``patch-lib``           one byte of a library's code (libglib) in that process
+``anon-exec``           anonymous executable memory mapped into that process
+``swap-binary``         a hypervisor process started from a modified QEMU binary
+``preload``             a hypervisor process started with an injected library
+======================  ==============================================================
+
+``transient_ms`` makes ``patch``/``patch-lib`` restore themselves after that long.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from smig.aim import procfs
+from smig.errors import AttackError
+from smig.lab import attacks, net
+from smig.lab.bare import BARE_ARGS, DEFAULT_BINARY, FIRMWARE_DIRS
+
+if TYPE_CHECKING:
+    from smig.lab.region import LabState
+
+KINDS = ("patch", "patch-lib", "anon-exec", "swap-binary", "preload")
+LIBRARY = "libglib"
+
+
+def _victim(state: LabState, host: str) -> int:
+    node = state.network.hosts.get(host)
+    if node is None:
+        raise AttackError(f"no host {host!r} in lab {state.lab!r} (hosts: {', '.join(state.hosts)})")
+    pids = procfs.hypervisor_pids(node.netns_path)
+    if not pids:
+        raise AttackError(f"{host} runs no hypervisor process to patch; use swap-binary or preload, or give it a VM")
+    return pids[0]
+
+
+def _start_hypervisor(state: LabState, host: str, binary: str, env: dict[str, str]) -> int:
+    """A hypervisor process inside ``host`` (a stopped QEMU, as a VM's would be before it runs)."""
+    argv = [binary, *BARE_ARGS] + (list(FIRMWARE_DIRS) if binary != DEFAULT_BINARY else [])
+    proc = subprocess.Popen(
+        net.netns_argv(state.network.hosts[host].netns, argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    return proc.pid
+
+
+def attack_host(state: LabState, host: str, kind: str, *, transient_ms: int | None = None) -> attacks.AttackRecord:
+    """Apply ``kind`` to ``host``; the record says what :func:`heal_record` needs. Raises AttackError."""
+    if host not in state.hosts:
+        raise AttackError(f"no host {host!r} in lab {state.lab!r} (hosts: {', '.join(state.hosts)})")
+    if kind not in KINDS:
+        raise AttackError(f"unknown attack {kind!r}; the lab knows {', '.join(KINDS)}")
+    if transient_ms is not None and kind not in ("patch", "patch-lib"):
+        raise AttackError("--transient-ms applies to patch and patch-lib only")
+    if kind in ("patch", "patch-lib"):
+        pid = _victim(state, host)
+        module = LIBRARY if kind == "patch-lib" else None
+        if transient_ms is not None:
+            return attacks.transient_patch(pid, transient_ms / 1000, module=module)
+        return attacks.patch(pid, module=module)
+    if kind == "anon-exec":
+        return attacks.anon_exec(_victim(state, host))
+    workdir = state.host_home(host) / "attack"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if kind == "swap-binary":
+        installed = shutil.which(DEFAULT_BINARY)
+        if installed is None:
+            raise AttackError(f"{DEFAULT_BINARY} is not installed")
+        copy = workdir / DEFAULT_BINARY
+        shutil.copy2(os.path.realpath(installed), copy)
+        record = attacks.swap_binary(copy)
+        pid = _start_hypervisor(state, host, str(copy), {})
+    else:
+        library = attacks.preload_library(workdir)
+        pid = _start_hypervisor(state, host, DEFAULT_BINARY, {"LD_PRELOAD": str(library)})
+        record = attacks.preload(library, pid)
+    return attacks.AttackRecord(**{**record.to_json(), "pid": pid, "detail": {**record.detail, "lab_pid": pid}})
+
+
+def heal_record(record: attacks.AttackRecord) -> str:
+    """Undo one lab attack: stop the hypervisor process it started, restore what it changed."""
+    said = []
+    lab_pid = record.detail.get("lab_pid")
+    if lab_pid is not None:
+        try:
+            os.kill(int(lab_pid), signal.SIGKILL)
+            said.append(f"stopped the hypervisor process {lab_pid} it started")
+        except ProcessLookupError:
+            pass
+        if record.kind == "preload":
+            return "; ".join(said) or "nothing left to undo"
+    said.append(attacks.undo(record))
+    return "; ".join(said)
+
+
+def copied_binary(record: attacks.AttackRecord) -> Path | None:
+    return Path(record.path) if record.kind == "swap-binary" else None

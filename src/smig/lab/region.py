@@ -1,0 +1,442 @@
+"""A whole region on one machine: the RC-TCB, N hosts with their agents, M real guests on each.
+
+``smig lab up`` builds it in this order, each step on real parts:
+
+1. the network (:mod:`smig.lab.net`): a namespace per host and one for the RC-TCB, on a bridge;
+2. the region's credentials: a CA, certificates for the RC-TCB, each agent (for its address) and
+   the operator; an Ed25519 signing key per agent; a reference manifest built from the installed
+   QEMU, signed with the lab's reference key;
+3. the RC-TCB (``smig rctcb serve``) inside its namespace; the operator enrols every host,
+   vouching for it (they are freshly set up from the approved reference);
+4. an agent per host (``smig agent run``) inside the host's namespace;
+5. the guests (``smig vm launch``) inside their hosts' namespaces, so they are the hosts'
+   hypervisor processes that neighbours measure and that migrate across the bridge;
+6. wait until every host is TRUSTED, verified by its neighbours, and every guest is in the IVT.
+
+Everything lives under ``$SMIG_HOME/lab/<name>``; the processes are in the lab's namespaces, so
+``smig lab down`` (:func:`down`) finds and ends all of them from the namespaces alone, also after a
+crash, then removes the namespaces and the directory. The operator's side talks to the RC-TCB from
+inside the RC-TCB's namespace (:mod:`smig.lab.inside`): the lab's addresses exist nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from smig.aim import reference
+from smig.aim.keys import generate_key, public_key_pem, save_private_key
+from smig.errors import ConfigError, SmigError
+from smig.lab import net
+from smig.lab.inside import run_inside
+from smig.paths import smig_cache, smig_home
+from smig.rctcb.ca import Role, client_ssl_context, init_ca, issue_identity
+
+log = logging.getLogger(__name__)
+
+RCTCB_PORT = 8443
+AGENT_PORT = 7443
+STATE = "lab.json"
+
+
+class LabStateError(SmigError):
+    """The lab is not up, is up already, or its state cannot be read."""
+
+
+@dataclass
+class LabState:
+    """What ``lab up`` made, as ``lab.json`` records it."""
+
+    lab: str
+    directory: str
+    hosts: list[str]
+    subnet: str
+    policy: str
+    interval_s: float
+    link: str | None
+    vms: dict[str, str] = field(default_factory=dict)  # VM → the host it was launched on
+    pids: dict[str, int] = field(default_factory=dict)  # "rctcb", "agent-h1", ...
+    attacks: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float = 0.0
+    manifest: str = ""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.directory)
+
+    @property
+    def network(self) -> net.LabNetwork:
+        return net.plan_network(self.lab, self.hosts, self.subnet)
+
+    @property
+    def rctcb_url(self) -> str:
+        return f"https://{self.network.rctcb.address}:{RCTCB_PORT}"
+
+    def host_home(self, host: str) -> Path:
+        return self.path / "hosts" / host
+
+    def save(self) -> None:
+        tmp = self.path / f".{STATE}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(tmp, self.path / STATE)
+
+
+def lab_dir(lab: str) -> Path:
+    return smig_home() / "lab" / lab
+
+
+def load(lab: str) -> LabState:
+    """The state of a lab that is up. Raises LabStateError."""
+    path = lab_dir(lab) / STATE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LabStateError(f"no lab {lab!r} is up (start one with `smig lab up`)") from None
+    except (OSError, ValueError) as e:
+        raise LabStateError(f"cannot read the lab's state {path}: {e}") from e
+    return LabState(**data)
+
+
+def _smig(*args: str) -> list[str]:
+    return [sys.executable, "-m", "smig", *args]
+
+
+def _spawn(netns: str, argv: list[str], log_file: Path, env: dict[str, str]) -> int:
+    """Start a long-running process in ``netns``, detached from this one (its own session)."""
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(
+            net.netns_argv(netns, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+# -- credentials and configuration ---------------------------------------------------------------
+
+
+def _credentials(state: LabState) -> None:
+    network = state.network
+    ca_dir = state.path / "ca"
+    init_ca(ca_dir, f"lab-{state.lab}")
+    issue_identity(ca_dir, "rctcb", Role.RCTCB, ips=[network.rctcb.address])
+    issue_identity(ca_dir, "operator", Role.OPERATOR)
+    for host, node in network.hosts.items():
+        issue_identity(ca_dir, host, Role.AGENT, ips=[node.address])
+        home = state.host_home(host)
+        home.mkdir(parents=True, exist_ok=True)
+        save_private_key(generate_key(), home / "agent-key.pem")
+    ref = state.path / "reference"
+    key = generate_key()
+    manifest = reference.build([*reference.installed_qemu_files(), *reference.agent_files()])
+    reference.save(reference.sign(manifest, key), ref / "manifest.json")
+    (ref / "key.pub").write_bytes(public_key_pem(key))
+    state.manifest = reference.manifest_digest(manifest)
+
+
+def _rctcb_config(state: LabState) -> str:
+    ca = state.path / "ca"
+    node = state.network.rctcb
+    return f"""[rctcb]
+listen = "{node.address}:{RCTCB_PORT}"
+store = "sqlite:///{state.path / "rctcb" / "ivt.sqlite"}"
+ca = "{ca / "ca.pem"}"
+cert = "{ca / "issued" / "rctcb" / "cert.pem"}"
+key = "{ca / "issued" / "rctcb" / "key.pem"}"
+manifest = "{state.manifest}"
+
+[policy]
+kind = "{state.policy}"
+freshness_s = {max(10.0, 6 * state.interval_s)}
+
+[agents]
+fencing = "netns"
+fence_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"
+call_timeout_s = 30.0
+completion_timeout_floor_s = 60.0
+"""
+
+
+def _agent_config(state: LabState, host: str) -> str:
+    ca = state.path / "ca"
+    node = state.network.hosts[host]
+    home = state.host_home(host)
+    return f"""[agent]
+host = "{host}"
+region = "lab-{state.lab}"
+rctcb = "{state.rctcb_url}"
+listen = "{node.address}:{AGENT_PORT}"
+home = "{home}"
+cache = "{smig_cache()}"
+ca = "{ca / "ca.pem"}"
+cert = "{ca / "issued" / host / "cert.pem"}"
+key = "{ca / "issued" / host / "key.pem"}"
+signing_key = "{home / "agent-key.pem"}"
+capacity_vcpus = 4
+capacity_memory_mib = 4096
+
+[monitor]
+reference = "{state.path / "reference" / "manifest.json"}"
+reference_key = "{state.path / "reference" / "key.pub"}"
+mean_interval_s = {state.interval_s}
+subject_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"
+
+[migration]
+tls = true
+"""
+
+
+# -- the operator's client (use inside the RC-TCB's namespace) ----------------------------------
+
+
+def operator_client(state: LabState, *, timeout_s: float = 10.0) -> httpx.AsyncClient:
+    ca = state.path / "ca"
+    ctx = client_ssl_context(
+        ca / "issued" / "operator" / "cert.pem", ca / "issued" / "operator" / "key.pem", ca / "ca.pem"
+    )
+    return httpx.AsyncClient(base_url=state.rctcb_url, verify=ctx, timeout=timeout_s)
+
+
+def inside(state: LabState, main: Callable[[], Any]) -> Any:
+    """Run ``main()`` (a coroutine function) where the lab's addresses are reachable."""
+    return run_inside(state.network.rctcb.netns_path, main)
+
+
+async def _wait_rctcb(state: LabState, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with operator_client(state, timeout_s=2.0) as op:
+        while True:
+            try:
+                if (await op.get("/v1/hosts")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise LabStateError(
+                    f"the RC-TCB did not answer within {timeout_s:.0f} s; see {state.path / 'rctcb.log'}"
+                )
+            await asyncio.sleep(0.2)
+
+
+async def _enrol_all(state: LabState) -> None:
+    async with operator_client(state) as op:
+        for host, node in state.network.hosts.items():
+            key = public_key_pem(_agent_key(state, host)).decode()
+            body = {
+                "host": host,
+                "agent_key": key,
+                "manifest": state.manifest,
+                "capacity": {"vcpus": 4, "memory_mib": 4096},
+                "region": f"lab-{state.lab}",
+                "address": f"https://{node.address}:{AGENT_PORT}",
+                "vouched": True,  # freshly set up from the approved reference: the region's first hosts
+            }
+            r = await op.post("/v1/hosts", json=body)
+            if r.status_code not in (201, 409):
+                raise LabStateError(f"enrolling {host} failed: {r.status_code} {r.text}")
+
+
+def _agent_key(state: LabState, host: str) -> Any:
+    from smig.aim.keys import load_private_key
+
+    return load_private_key(state.host_home(host) / "agent-key.pem")
+
+
+async def rows(state: LabState) -> dict[str, dict[str, Any]]:
+    async with operator_client(state) as op:
+        r = await op.get("/v1/hosts")
+        r.raise_for_status()
+        return {h["host"]: h for h in r.json()["hosts"]}
+
+
+async def wait_ready(state: LabState, timeout_s: float, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Until every host is TRUSTED and verified by a neighbour, and every VM is in the IVT."""
+    deadline = time.monotonic() + timeout_s
+    said = ""
+    async with operator_client(state) as op:
+        while True:
+            try:
+                hosts = {h["host"]: h for h in (await op.get("/v1/hosts")).json()["hosts"]}
+                audit_vms = await _placed(op)
+            except (httpx.TransportError, KeyError, ValueError):
+                hosts, audit_vms = {}, {}
+            waiting = [
+                h for h in state.hosts if hosts.get(h, {}).get("state") != "trusted" or not hosts[h].get("verified_at")
+            ]
+            unplaced = [vm for vm in state.vms if vm not in audit_vms]
+            if not waiting and not unplaced:
+                return hosts
+            now = f"waiting for {', '.join(waiting) or 'no host'} to be verified, {len(unplaced)} VM(s) to be reported"
+            if now != said:
+                progress(now)
+                said = now
+            if time.monotonic() > deadline:
+                raise LabStateError(f"the region was not ready within {timeout_s:.0f} s: {now}; see {state.path}/*.log")
+            await asyncio.sleep(0.5)
+
+
+async def _placed(op: httpx.AsyncClient) -> dict[str, str]:
+    """VM → host, as the IVT's inventory entries last placed them (read from the audit log)."""
+    placed: dict[str, str] = {}
+    since = 0
+    while True:
+        r = await op.get("/v1/audit", params={"since": since, "limit": 10000})
+        entries = r.json()["entries"]
+        for e in entries:
+            if e["kind"] == "inventory.changed":
+                for vm in [v for v, h in placed.items() if h == e["subject"]]:
+                    del placed[vm]
+                for vm in e["body"]["vms"]:
+                    placed[vm] = e["subject"]
+            elif e["kind"] == "migration.done":
+                placed[e["subject"]] = e["body"]["target"]
+        if len(entries) < 10000:
+            return placed
+        since = entries[-1]["seq"]
+
+
+# -- up and down ---------------------------------------------------------------------------------
+
+
+def up(
+    lab: str,
+    hosts: int,
+    vms_per_host: int,
+    *,
+    memory_mib: int = 256,
+    dirty_mbps: int = 0,
+    policy: str = "quorum",
+    interval_s: float = 1.0,
+    link: str | None = None,
+    vm_hosts: Sequence[str] | None = None,
+    ready_timeout_s: float = 240.0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> LabState:
+    """Bring a lab up and wait until it is ready; on any failure, take down what was made.
+
+    ``vm_hosts`` limits the guests to those hosts (default: every host). Raises LabStateError,
+    ConfigError, LabError, LaunchError."""
+    if hosts < 2:
+        raise ConfigError("a region needs at least 2 hosts: each is measured by its neighbours")
+    if policy not in ("quorum", "immediate"):
+        raise ConfigError(f"--policy must be quorum or immediate, not {policy!r}")
+    names = [f"h{i}" for i in range(1, hosts + 1)]
+    link_model = net.parse_link(link) if link else None
+    directory = lab_dir(lab)
+    if lab in net.list_labs() or (directory / STATE).exists():
+        raise LabStateError(f"lab {lab!r} is up already (or was not taken down): run `smig lab down --name {lab}`")
+    ok, why = net.available()
+    if not ok:
+        raise LabStateError(
+            f"network namespaces are not available here ({why}); the lab needs them to give each host "
+            "its own address (a loopback-only fallback is not built yet)"
+        )
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    state = LabState(lab, str(directory), names, net.DEFAULT_SUBNET, policy, interval_s, link, created_at=time.time())
+    try:
+        progress(
+            f"network: {hosts} host namespaces and the RC-TCB's on a bridge{f', {link_model}' if link_model else ''}"
+        )
+        net.create(state.network, link=link_model)
+        progress("credentials: region CA, certificates, agent keys, reference manifest")
+        _credentials(state)
+        (directory / "rctcb").mkdir()
+        (directory / "rctcb.toml").write_text(_rctcb_config(state))
+        env = {"SMIG_HOME": str(directory / "rctcb"), "SMIG_CACHE": str(smig_cache())}
+        state.pids["rctcb"] = _spawn(
+            state.network.rctcb.netns,
+            _smig("rctcb", "serve", "--config", str(directory / "rctcb.toml")),
+            directory / "rctcb.log",
+            env,
+        )
+        state.save()
+        progress("RC-TCB starting; enrolling the hosts")
+
+        async def enrol() -> None:
+            await _wait_rctcb(state, 30)
+            await _enrol_all(state)
+
+        inside(state, enrol)
+        for host in names:
+            home = state.host_home(host)
+            (home / "agent.toml").write_text(_agent_config(state, host))
+            state.pids[f"agent-{host}"] = _spawn(
+                state.network.hosts[host].netns,
+                _smig("agent", "run", "--config", str(home / "agent.toml")),
+                directory / f"agent-{host}.log",
+                {"SMIG_HOME": str(home), "SMIG_CACHE": str(smig_cache())},
+            )
+        state.save()
+        targets = list(vm_hosts) if vm_hosts is not None else names
+        wanted = [(h, f"{h}-vm{i}") for h in targets for i in range(1, vms_per_host + 1)]
+        if wanted:
+            progress(f"booting {len(wanted)} guests ({memory_mib} MiB, dirtying {dirty_mbps} MiB/s)")
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for host, vm in zip(
+                [h for h, _ in wanted],
+                pool.map(lambda hv: launch_vm(state, *hv, memory_mib, dirty_mbps), wanted),
+                strict=True,
+            ):
+                state.vms[vm] = host
+        state.save()
+        inside(state, lambda: wait_ready(state, ready_timeout_s, progress))
+        return state
+    except BaseException:
+        down(lab)
+        raise
+
+
+def launch_vm(state: LabState, host: str, name: str, memory_mib: int, dirty_mbps: int) -> str:
+    """Boot a guest on ``host`` (inside its namespace, in its agent's home). Raises LaunchError."""
+    from smig.errors import LaunchError
+
+    argv = _smig("vm", "launch", name, "--memory", str(memory_mib), "--dirty-mbps", str(dirty_mbps), "--json")
+    env = {**os.environ, "SMIG_HOME": str(state.host_home(host)), "SMIG_CACHE": str(smig_cache())}
+    r = subprocess.run(
+        net.netns_argv(state.network.hosts[host].netns, argv), capture_output=True, text=True, env=env, timeout=180
+    )
+    if r.returncode != 0:
+        raise LaunchError(f"booting {name} on {host} failed: {r.stderr.strip() or r.stdout.strip()}")
+    return name
+
+
+def down(lab: str) -> net.Reclaimed:
+    """End every process of the lab, remove its namespaces and its directory. Idempotent."""
+    reclaimed = net.reclaim(lab)
+    directory = lab_dir(lab)
+    state_file = directory / STATE
+    if state_file.exists():
+        try:
+            state = load(lab)
+            for attack in state.attacks:
+                _undo_quietly(attack)
+        except SmigError as e:
+            log.warning("the lab's state could not be read while taking it down: %s", e)
+    shutil.rmtree(directory, ignore_errors=True)
+    return reclaimed
+
+
+def _undo_quietly(record: dict[str, Any]) -> None:
+    from smig.lab import attacks
+
+    try:
+        attacks.undo(attacks.AttackRecord.from_json(record))
+    except SmigError as e:
+        log.info("undoing %s: %s", record.get("id"), e)

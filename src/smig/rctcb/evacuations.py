@@ -1,0 +1,82 @@
+"""The service's evacuation loop: the policy's Evacuate effects in, migrations driven to the end.
+
+The API publishes every effect of every decision; :meth:`Evacuations.on_effects` turns each
+``Evacuate`` into orders (:meth:`Orchestrator.evacuate`, which writes them before anything moves),
+and :meth:`Evacuations.run` advances the active orders one step per round through the hosts'
+agents, for as long as the service runs. On start it first resumes what a previous run of the
+service left in flight. Every committed step and every progress answer goes out on the event
+stream as a ``migration.<state>`` or ``migration.progress`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+
+from smig.errors import SmigError
+from smig.rctcb.orchestrator import Orchestrator
+from smig.rctcb.policy import Evacuate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Evacuations"]
+
+
+class Evacuations:
+    """Plans evacuations as effects arrive and drives them; one per service."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        send: Callable[[Sequence[tuple[str, str]]], None],
+        *,
+        poll_interval_s: float = 0.2,
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.poll_interval_s = poll_interval_s
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._send = send
+        orchestrator.listeners.append(self._tell)
+
+    def _tell(self, kind: str, body: dict[str, object]) -> None:
+        self._send([(kind, json.dumps(body, sort_keys=True))])
+
+    def on_effects(self, effects: Sequence[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, Evacuate):
+                task = asyncio.get_running_loop().create_task(self._plan(effect))
+                self._tasks.add(task)  # held until done: a task nobody references may be collected
+                task.add_done_callback(self._tasks.discard)
+
+    async def _plan(self, effect: Evacuate) -> None:
+        try:
+            await self.orchestrator.evacuate(effect.host, effect.reason)
+        except SmigError as e:
+            log.error("planning the evacuation of %s failed: %s", effect.host, e)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Resume what was in flight, then drive orders until cancelled."""
+        while True:
+            try:
+                await self.orchestrator.resume()
+                break
+            except SmigError as e:
+                log.error("resuming the evacuations in flight failed (retrying): %s", e)
+                await asyncio.sleep(1.0)
+        while True:
+            if self.orchestrator.active():
+                try:
+                    await self.orchestrator.run_once()
+                except SmigError as e:
+                    log.error("an evacuation round failed (retrying): %s", e)
+                delay = self.poll_interval_s
+            else:
+                delay = 1.0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
