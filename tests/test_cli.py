@@ -84,7 +84,7 @@ def test_help_teaches(cli_env: dict[str, str]) -> None:
 
 @pytest.mark.qemu
 def test_demo_moves_a_busy_guest_twice_without_a_reboot(cli_env: dict[str, str], home: Path) -> None:
-    report = json.loads(smig(cli_env, "demo", "--dirty-mbps", "10", "--json").stdout)
+    report = json.loads(smig(cli_env, "vm", "demo", "--dirty-mbps", "10", "--json").stdout)
     moves = report["migrations"]
     assert [m["migration"] for m in moves] == ["plain", "TLS"]
     for m in moves:

@@ -104,9 +104,9 @@ class MonitorRunner:
         finally:
             for task in tasks:
                 task.cancel()
-            for _, (task, ev) in list(self._loops.items()):
+            for loop_task, ev in self._loops.values():
                 ev.set()
-                task.cancel()
+                loop_task.cancel()
             await asyncio.gather(*tasks, *(t for t, _ in self._loops.values()), return_exceptions=True)
             self._loops.clear()
             with contextlib.suppress(RctcbUnavailable, RctcbRefused):

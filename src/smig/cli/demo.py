@@ -1,103 +1,140 @@
-"""``smig demo``: the migration demo — one guest, busy writing memory, moved live twice.
-
-It shows the foundation everything else in SMIG stands on: the guest boots, counts heartbeats
-and dirties memory; it is live-migrated into a fresh QEMU process, first in the clear and then
-over mutual TLS; its heartbeat keeps rising and its boot id never changes (no reboot); the
-old process is gone after each move. (The region demo, with AIM and the RC-TCB, replaces this
-once those parts exist.)
-"""
+"""``smig demo``: SMIG's main job, end to end — tamper with a host, watch its VMs move to trusted ones."""
 
 from __future__ import annotations
 
-import secrets
-from contextlib import nullcontext
+import time
+from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from smig.cli.common import driver, emit_json, err, out, run
-from smig.cli.vm import migrate_with_bar
-from smig.hypervisor import process
-from smig.model import MigrationParams, VMSpec
-from smig.paths import smig_home
-from smig.pki import ensure_local_migration_tls
+from smig.cli.common import err, fail, out
+from smig.errors import SmigError
+
+_COLOURS = {"trusted": "green", "suspect": "yellow", "untrusted": "red", "unknown": "magenta", "enrolling": "cyan"}
+
+
+def _screen(watch: Any, started: float) -> Group:
+    table = Table(title=f"IVT  (t = {time.monotonic() - started:.1f} s)", expand=False)
+    for column in ("host", "state", "verified", "strikes"):
+        table.add_column(column)
+    now = time.time()
+    for host, row in sorted(watch.rows.items()):
+        colour = _COLOURS.get(row.get("state", ""), "white")
+        verified = f"{now - row['verified_at']:.1f}s ago" if row.get("verified_at") else "-"
+        table.add_row(host, f"[{colour}]{row['state']}[/{colour}]", verified, str(row.get("strikes", 0)))
+    moves = Table(title="migrations", expand=False)
+    for column in ("VM", "from → to", "step", "progress"):
+        moves.add_column(column)
+    for vm, p in sorted(watch.progress.items()):
+        sent, left = p.get("transferred_bytes", 0), p.get("remaining_bytes", 0)
+        share = sent / (sent + left) if sent + left else (1.0 if p["kind"] == "migration.done" else 0.0)
+        bar = "█" * int(share * 20) + "░" * (20 - int(share * 20))
+        moves.add_row(vm, f"{p['source']} → {p['target'] or '?'}", p["state"], f"{bar} {share * 100:3.0f}%")
+    lines = [
+        Text(f"{time.strftime('%H:%M:%S', time.localtime(at))} {kind} {_brief(data)}")
+        for at, kind, data in watch.events[-8:]
+    ]
+    return Group(table, moves, *lines)
+
+
+def _brief(data: dict[str, Any]) -> str:
+    keys = ("host", "subject", "monitor", "old", "new", "vm", "target", "reason")
+    return " ".join(f"{k}={data[k]}" for k in keys if data.get(k) not in (None, "", []))
+
+
+def _fmt(t: float | None, zero: float) -> str:
+    return "-" if t is None else f"+{(t - zero) * 1000:.0f} ms"
+
+
+def _print_timeline(result: Any) -> None:
+    table = Table(title=f"{result.attacked_host} tampered ({result.attack}, policy {result.policy})")
+    for column in ("VM", "→", "mode", "mismatch", "UNTRUSTED", "decided", "moving", "running", "down", "beat", "boot"):
+        table.add_column(column)
+    for v in result.vms:
+        zero = v["tamper_at"]
+        same = v["boot_id_before"] is not None and v["boot_id_before"] == v["boot_id_after"]
+        table.add_row(
+            v["name"],
+            v["target"] or "-",
+            v["mode"],
+            _fmt(v["detected_at"], zero),
+            _fmt(v["untrusted_at"], zero),
+            _fmt(v["decided_at"], zero),
+            _fmt(v["migration_started_at"], zero),
+            _fmt(v["migration_completed_at"], zero),
+            f"{v['downtime_ms']:.0f} ms" if v["downtime_ms"] is not None else "-",
+            f"{v['heartbeat_before']} → {v['heartbeat_after']}",
+            "same" if same else "NEW" if v["boot_id_after"] else "-",
+        )
+    out.print(table)
+    states = ", ".join(f"{h['id']} {h['state']}" for h in result.hosts)
+    out.print(f"hosts at the end: {states}")
+    if result.response_time_ms is not None:
+        out.print(f"response time, tamper → last VM running on a trusted host: {result.response_time_ms:.0f} ms")
+    else:
+        out.print("[red]not every VM reached a trusted host[/red]")
 
 
 def demo(
+    hosts: int = typer.Option(4, "--hosts", min=2, max=8, help="Hypervisor hosts in the region."),
+    vms_per_host: int = typer.Option(1, "--vms-per-host", min=1, max=4, help="Guests on each host."),
+    attack: str = typer.Option("patch", "--attack", help="patch, patch-lib, anon-exec, swap-binary or preload."),
+    policy: str = typer.Option("quorum", "--policy", help="quorum (two monitors must agree) or immediate."),
     memory: int = typer.Option(256, "--memory", "-m", help="Guest RAM in MiB."),
-    dirty_mbps: int = typer.Option(20, "--dirty-mbps", help="MiB the guest dirties per second."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    dirty_mbps: int = typer.Option(10, "--dirty-mbps", help="MiB each guest dirties per second."),
+    interval: float = typer.Option(1.0, "--interval", help="Mean seconds between a monitor's measurements."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Give the evacuation this long."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the timeline as JSON to this file."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards (`smig lab down` removes it)."),
+    name: str = typer.Option("demo", "--name", help="The lab's name."),
 ) -> None:
-    """Boot a guest that dirties memory, live-migrate it plain and over TLS, and prove it never
-    stopped counting nor rebooted."""
+    """Bring up a region (hosts as network namespaces, an agent each, real guests), wait until every
+    host is TRUSTED, tamper with one host's hypervisor, and show the RC-TCB finding it and moving
+    its VMs live to trusted hosts. Ends with each VM's timeline; --json PATH writes it."""
+    from smig.lab.demo import Watch, run_demo, write_json
 
-    async def body() -> None:
-        tls = ensure_local_migration_tls(smig_home())
-        d = driver(tls=tls)
-        accel, reason = await d.accelerator()
-        name = f"demo-{secrets.token_hex(2)}"
-        show = not as_json
-        if show:
-            err.print(f"[bold]SMIG migration demo[/bold] — accelerator [bold]{accel.value}[/bold] ({reason})")
-        with err.status(f"booting {name}: {memory} MiB, dirtying {dirty_mbps} MiB/s…") if show else nullcontext():
-            info = await d.launch(VMSpec(name=name, memory_mib=memory, dirty_mbps=dirty_mbps))
-        rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    watch = Watch()
+    live = Live(_screen(watch, started), console=err, refresh_per_second=4, transient=False)
+    watch.on_change = lambda w: live.update(_screen(w, started)) if live.is_started else None
+
+    def progress(line: str) -> None:
+        err.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {line}")
+        if "tampering" in line:
+            live.start()
+
+    try:
         try:
-            first = await d.wait_heartbeat(name, 10)
-            if show and first is not None:
-                err.print(f"{name} up: pid {info.pid}, boot id {first.boot_id}, heartbeat {first.counter}")
-            for label, params in (("plain", MigrationParams()), ("TLS", MigrationParams(tls=True))):
-                before = (await d.status(name)).heartbeat
-                stats = await migrate_with_bar(d, d, name, params, None, show=show)
-                after = await d.wait_heartbeat(name, 10, after=before.counter if before else -1)
-                rows.append(
-                    {
-                        "migration": label,
-                        "total_ms": stats.total_ms,
-                        "downtime_ms": stats.downtime_ms,
-                        "transferred_mib": round(stats.transferred_bytes / (1 << 20), 1),
-                        "source_pid": stats.source_pid,
-                        "target_pid": stats.target_pid,
-                        "source_gone": not process.alive(stats.source_pid),
-                        "heartbeat_before": before.counter if before else None,
-                        "heartbeat_after": after.counter if after else None,
-                        "boot_id_unchanged": bool(before and after and before.boot_id == after.boot_id),
-                    }
-                )
+            result = run_demo(
+                name=name,
+                hosts=hosts,
+                vms_per_host=vms_per_host,
+                attack=attack,
+                policy=policy,
+                memory_mib=memory,
+                dirty_mbps=dirty_mbps,
+                interval_s=interval,
+                timeout_s=timeout,
+                keep=keep,
+                progress=progress,
+                watch=watch,
+            )
         finally:
-            await d.stop(name)
-        if as_json:
-            emit_json(
-                {"vm": name, "accel": accel.value, "memory_mib": memory, "dirty_mbps": dirty_mbps, "migrations": rows}
-            )
-            return
-        table = Table(
-            "move",
-            "total",
-            "down",
-            "sent",
-            "pid",
-            "beat",
-            "same boot",
-            "old gone",
-            title=f"{name}: {memory} MiB, dirtying {dirty_mbps} MiB/s, {accel.value}",
-        )
-        for r in rows:
-            table.add_row(
-                r["migration"],
-                f"{r['total_ms']} ms",
-                f"{r['downtime_ms']} ms",
-                f"{r['transferred_mib']:.0f}M",
-                f"{r['source_pid']} → {r['target_pid']}",
-                f"{r['heartbeat_before']} → {r['heartbeat_after']}",
-                "yes" if r["boot_id_unchanged"] else "[red]NO[/red]",
-                "yes" if r["source_gone"] else "[red]NO[/red]",
-            )
-        out.print(table)
-        ok = all(r["boot_id_unchanged"] and r["source_gone"] for r in rows)
-        out.print("[green]the guest kept running through both moves[/green]" if ok else "[red]something broke[/red]")
-        if not ok:
-            raise typer.Exit(1)
-
-    run(body)
+            if live.is_started:
+                live.stop()
+    except SmigError as e:
+        fail(str(e))
+    _print_timeline(result)
+    if json_path is not None:
+        write_json(result, json_path)
+        out.print(f"timeline written to {json_path}")
+    ok = result.response_time_ms is not None and all(
+        h["state"] != "untrusted" or h["id"] == result.attacked_host for h in result.hosts
+    )
+    if not ok:
+        raise typer.Exit(1)

@@ -6,7 +6,7 @@ import typer
 
 from smig import __version__
 from smig.cli import accel as accel_cmd
-from smig.cli import agent, aim, attack, bench, ca, demo, image, ivt, lab, rctcb, vm
+from smig.cli import agent, aim, attack, bench, ca, demo, image, ivt, lab, rctcb, vm, vm_demo
 from smig.cli.common import setup_logging
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+vm.app.command("demo")(vm_demo.demo)
 app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.add_typer(aim.app, name="reference")

@@ -63,9 +63,9 @@ def run_inside(netns_path: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T
             box["error"] = e
         finally:
             started.set()
-            loop = box.get("loop")
-            if loop is not None:
-                loop.close()
+            made = box.get("loop")
+            if made is not None:
+                made.close()
 
     thread = threading.Thread(target=body, name=f"netns:{os.path.basename(netns_path)}", daemon=True)
     thread.start()

@@ -389,11 +389,8 @@ def up(
         if wanted:
             progress(f"booting {len(wanted)} guests ({memory_mib} MiB, dirtying {dirty_mbps} MiB/s)")
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for host, vm in zip(
-                [h for h, _ in wanted],
-                pool.map(lambda hv: launch_vm(state, *hv, memory_mib, dirty_mbps), wanted),
-                strict=True,
-            ):
+            booted = pool.map(lambda hv: launch_vm(state, hv[0], hv[1], memory_mib, dirty_mbps), wanted)
+            for (host, _), vm in zip(wanted, booted, strict=True):
                 state.vms[vm] = host
         state.save()
         inside(state, lambda: wait_ready(state, ready_timeout_s, progress))
