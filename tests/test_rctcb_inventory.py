@@ -48,7 +48,7 @@ def test_a_report_never_takes_another_hosts_vm_nor_moves_one_in_flight(
             assert name in mine_after
     refused = {n for n, _ in result.refused}
     assert refused == {
-        n for n in reported if n in moving and n not in mine_before or where.get(n, "h1") != "h1" and n not in moving
+        n for n in reported if (n in moving and n not in mine_before) or (where.get(n, "h1") != "h1" and n not in moving)
     }
     assert result.load == Resources(len(result.placed), sum(v.needs.memory_mib for v in result.placed))
 

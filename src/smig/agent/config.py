@@ -71,6 +71,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
         {"reference", "reference_key", "mean_interval_s", "jitter", "max_cpu_share", "subject_netns", "enabled"}
     ),
     "migration": frozenset({"tls", "bandwidth_mibps", "downtime_ms"}),
+    "lab": frozenset({"lie_about", "ignore_orders"}),
 }
 
 
@@ -103,6 +104,10 @@ class AgentConfig:
     migration_tls: bool = True
     bandwidth_mibps: float = 0.0
     downtime_ms: int = 300
+    # The lab's compromised agents (never set on a real host): a monitor that reports false
+    # mismatches about these subjects, and an agent that ignores the RC-TCB's orders.
+    lie_about: tuple[str, ...] = ()
+    ignore_orders: bool = False
 
     @property
     def orders_url(self) -> str:
@@ -159,6 +164,10 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
     agent: dict[str, Any] = data.get("agent", {})
     monitor: dict[str, Any] = data.get("monitor", {})
     migration: dict[str, Any] = data.get("migration", {})
+    lab: dict[str, Any] = data.get("lab", {})
+    lies = lab.get("lie_about", [])
+    if not isinstance(lies, list) or not all(isinstance(h, str) for h in lies):
+        raise ConfigError("lab.lie_about must be a list of host ids")
     rctcb = _required(agent, "rctcb", "agent")
     if not rctcb.startswith("https://"):
         raise ConfigError(f"agent.rctcb must be an https:// URL (the RC-TCB speaks only mutual TLS), not {rctcb!r}")
@@ -192,6 +201,8 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
         migration_tls=bool(migration.get("tls", True)),
         bandwidth_mibps=_num(migration, "bandwidth_mibps", 0.0, positive=False),
         downtime_ms=int(_num(migration, "downtime_ms", 300)),
+        lie_about=tuple(lies),
+        ignore_orders=bool(lab.get("ignore_orders", False)),
     )
 
 

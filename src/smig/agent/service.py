@@ -21,14 +21,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from cryptography import x509
-from smig.agent.executor import OrderExecutor, migration_tls_dir
-from smig.agent.orders_api import create_orders_app, serve_orders
 
 from smig.agent.config import AgentConfig
+from smig.agent.executor import OrderExecutor, migration_tls_dir
 from smig.agent.monitoring import MonitorRunner
+from smig.agent.orders_api import create_orders_app, serve_orders
 from smig.agent.rctcb_client import RctcbClient, RctcbRefused, RctcbUnavailable
 from smig.aim import reference
 from smig.aim.keys import load_private_key, public_key_pem
@@ -81,6 +82,12 @@ class Agent:
     async def run(self, *, ready: Callable[[], None] | None = None) -> None:
         tasks: list[asyncio.Task[object]] = []
         try:
+            if self.config.ignore_orders:
+                # The lab's compromised agent: it never takes an order (nothing answers on its
+                # address), so the RC-TCB must fence its VMs out of band.
+                log.warning("LAB: this agent ignores the RC-TCB's orders")
+                await self._run_without_orders(tasks, ready)
+                return
             app = create_orders_app(self.executor, ca_cert=self._ca_cert)
             orders_up = asyncio.Event()
             tasks.append(
@@ -99,18 +106,7 @@ class Agent:
             )
             await self._first(orders_up.wait(), tasks[0])
             await self.executor.start()
-            tasks.append(asyncio.create_task(self._enrol_loop(), name="enrol"))
-            tasks.append(asyncio.create_task(self._inventory_loop(), name="inventory"))
-            if self.config.monitoring:
-                self.monitors = self._monitors()
-                tasks.append(asyncio.create_task(self._run_monitors(self.monitors), name="monitors"))
-            if ready is not None:
-                ready()
-            stopper = asyncio.create_task(self.stopping.wait())
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            await self._run_without_orders(tasks, ready)
         finally:
             self.stopping.set()
             for task in tasks:
@@ -121,10 +117,26 @@ class Agent:
             if self.monitors is not None:
                 self.monitors.monitor.close()
 
+    async def _run_without_orders(self, tasks: list[asyncio.Task[object]], ready: Callable[[], None] | None) -> None:
+        """Enrolment, inventory and monitors, until stopped or one of ``tasks`` fails."""
+        tasks.append(asyncio.create_task(self._enrol_loop(), name="enrol"))
+        tasks.append(asyncio.create_task(self._inventory_loop(), name="inventory"))
+        if self.config.monitoring:
+            self.monitors = self._monitors()
+            tasks.append(asyncio.create_task(self._run_monitors(self.monitors), name="monitors"))
+        if ready is not None:
+            ready()
+        stopper = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
     @staticmethod
-    async def _first(waiting: object, task: asyncio.Task[object]) -> None:
+    async def _first(waiting: Coroutine[Any, Any, object], task: asyncio.Task[object]) -> None:
         """Wait for ``waiting``, unless ``task`` fails first (the orders server could not bind)."""
-        waiter = asyncio.ensure_future(waiting)  # type: ignore[arg-type]
+        waiter = asyncio.ensure_future(waiting)
         done, _ = await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             waiter.cancel()
@@ -141,6 +153,9 @@ class Agent:
             Schedule(mean_interval_s=self.config.mean_interval_s, jitter=self.config.jitter),
             max_cpu_share=self.config.max_cpu_share,
         )
+        monitor.lies = frozenset(self.config.lie_about)
+        if monitor.lies:
+            log.warning("LAB: this monitor lies about %s", ", ".join(sorted(monitor.lies)))
         return MonitorRunner(
             monitor,
             self.client,

@@ -144,7 +144,7 @@ class Measurer:
             total.mismatches += one.mismatches
             total.notes += one.notes
         if files:
-            self._measure_files(file_root, total)
+            self._files_of_a_live_process(file_root, measured, total)
         return Measurement(
             verdict=Verdict.MISMATCH if total.mismatches else Verdict.MATCH,
             root=root(self.manifest.algorithm, ((t.target, t.digest) for t in total.targets)),
@@ -298,12 +298,30 @@ class Measurer:
 
     # -- files on disk ---------------------------------------------------------------------
 
-    def _measure_files(self, file_root: Path, out: _Round) -> None:
+    def _files_of_a_live_process(self, file_root: Path, measured: list[int], out: _Round) -> None:
+        """The files as the subject's processes see them (``/proc/PID/root``). A process that exits
+        takes its view with it, and every file would look missing: then the files are measured
+        again through another process measured in this round, or the machine's root if none is."""
+        roots = [file_root]
+        if file_root.parent.parent == Path("/proc") and file_root.name == "root":
+            roots += [Path(f"/proc/{pid}/root") for pid in measured if str(pid) != file_root.parent.name]
+            roots.append(Path("/"))
+        for candidate in roots:
+            attempt = _Round()
+            if self._measure_files(candidate, attempt):
+                out.targets += attempt.targets
+                out.mismatches += attempt.mismatches
+                return
+
+    def _measure_files(self, file_root: Path, out: _Round) -> bool:
+        """False if ``file_root`` itself vanished while it was read (its process exited)."""
         for path, expected in sorted(self.manifest.files.items()):
             full = file_root / path.lstrip("/")
             try:
                 digest = self._file_digest(full)
             except FileNotFoundError:
+                if not file_root.exists():
+                    return False
                 out.mismatches.append(Mismatch(path, 0, 0, "file is missing"))
                 continue
             except OSError as e:
@@ -314,6 +332,7 @@ class Measurer:
                 out.mismatches.append(
                     Mismatch(path, 0, os.stat(full).st_size, "file on disk differs from the reference")
                 )
+        return True
 
     def _file_digest(self, path: Path) -> str:
         # Rehash only when the file's identity or times change: the ctime cannot be set back

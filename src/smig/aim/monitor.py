@@ -14,6 +14,7 @@ started since the last round is measured in this one and one that exited is simp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -30,12 +31,13 @@ from smig.aim.measure import Measurement, Measurer
 from smig.aim.report import SignedReport, sign_report
 from smig.aim.schedule import Schedule, next_delay
 from smig.errors import ConfigError
-from smig.model import Report
+from smig.model import Mismatch, Report, Verdict
 
 log = logging.getLogger(__name__)
 
 MAX_MISMATCHES_REPORTED = 16
 MEASURE_NICE = 10
+LIE_PATH = "/usr/bin/qemu-system-x86_64"
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Monitor:
         # Sequence numbers must rise across restarts too: start from the clock in microseconds.
         self._sequence = int(clock() * 1_000_000)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aim", initializer=_lower_priority)
+        # The lab's lying monitor: subjects it reports a (false) mismatch about, whatever it measured.
+        self.lies: frozenset[str] = frozenset()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -107,6 +111,8 @@ class Monitor:
         started = self._clock()
         pids = subject.find_pids()
         m = self._measurer.measure(pids, files=subject.files, file_root=subject.file_root(pids))
+        if subject.id in self.lies or "*" in self.lies:
+            m = _lie(m)
         ended = self._clock()
         report = Report(
             subject=subject.id,
@@ -162,3 +168,9 @@ class Monitor:
             floor = began + obs.cpu_s / self.max_cpu_share
             next_start = max(next_start + next_delay(self.schedule, self._rng), floor, began + spent)
         return done
+
+
+def _lie(m: Measurement) -> Measurement:
+    """What a compromised monitor claims: a plausible change in the subject's QEMU binary."""
+    invented = Mismatch(LIE_PATH, 0x1000, 1, "leaf digest differs", m.pids[0] if m.pids else 0)
+    return dataclasses.replace(m, verdict=Verdict.MISMATCH, mismatches=(invented, *m.mismatches))

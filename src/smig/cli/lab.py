@@ -158,7 +158,9 @@ def status(name: str = NAME, as_json: bool = JSON) -> None:
 @app.command("attack")
 def attack(
     host: str = typer.Argument(..., help="The host to attack, e.g. h2."),
-    kind: str = typer.Argument("patch", help="patch, patch-lib, anon-exec, swap-binary or preload."),
+    kind: str = typer.Argument(
+        "patch", help="patch, patch-lib, anon-exec, swap-binary, preload, lie (a lying monitor) or ignore-orders."
+    ),
     transient_ms: int | None = typer.Option(
         None, "--transient-ms", min=1, help="patch/patch-lib only: restore the bytes after this many ms."
     ),
@@ -198,7 +200,7 @@ def heal(name: str = NAME, as_json: bool = JSON) -> None:
     for entry in state.attacks:
         record = AttackRecord.from_json({k: v for k, v in entry.items() if k != "host"})
         try:
-            done.append({"id": record.id, "undone": heal_record(record)})
+            done.append({"id": record.id, "undone": heal_record(record, state)})
         except SmigError as e:
             done.append({"id": record.id, "error": str(e)})
     state.attacks = []

@@ -14,6 +14,9 @@ kind                    what changes on the host
 ``anon-exec``           anonymous executable memory mapped into that process
 ``swap-binary``         a hypervisor process started from a modified QEMU binary
 ``preload``             a hypervisor process started with an injected library
+``lie``                 the host's agent, restarted as a monitor that reports false
+                        mismatches about every subject it measures
+``ignore-orders``       the host's agent, restarted to ignore the RC-TCB's orders
 ======================  ==============================================================
 
 ``transient_ms`` makes ``patch``/``patch-lib`` restore themselves after that long.
@@ -25,6 +28,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +40,8 @@ from smig.lab.bare import BARE_ARGS, DEFAULT_BINARY, FIRMWARE_DIRS
 if TYPE_CHECKING:
     from smig.lab.region import LabState
 
-KINDS = ("patch", "patch-lib", "anon-exec", "swap-binary", "preload")
+KINDS = ("patch", "patch-lib", "anon-exec", "swap-binary", "preload", "lie", "ignore-orders")
+AGENT_KINDS = ("lie", "ignore-orders")
 LIBRARY = "libglib"
 
 
@@ -80,6 +85,8 @@ def attack_host(state: LabState, host: str, kind: str, *, transient_ms: int | No
         return attacks.patch(pid, module=module)
     if kind == "anon-exec":
         return attacks.anon_exec(_victim(state, host))
+    if kind in AGENT_KINDS:
+        return _compromise_agent(state, host, kind)
     workdir = state.host_home(host) / "attack"
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "swap-binary":
@@ -97,8 +104,34 @@ def attack_host(state: LabState, host: str, kind: str, *, transient_ms: int | No
     return attacks.AttackRecord(**{**record.to_json(), "pid": pid, "detail": {**record.detail, "lab_pid": pid}})
 
 
-def heal_record(record: attacks.AttackRecord) -> str:
-    """Undo one lab attack: stop the hypervisor process it started, restore what it changed."""
+def _compromise_agent(state: LabState, host: str, kind: str) -> attacks.AttackRecord:
+    from smig.lab import region
+
+    region.stop_process(state, f"agent-{host}")
+    if kind == "lie":
+        pid = region.start_agent(state, host, lie_about=["*"])
+    else:
+        pid = region.start_agent(state, host, ignore_orders=True)
+    state.save()
+    return attacks.AttackRecord(
+        id=f"{kind}-{pid}", kind=kind, pid=pid, path="[agent]", offset=0, length=0, applied_at=time.time(),
+        detail={"host": host},
+    )  # fmt: skip
+
+
+def heal_record(record: attacks.AttackRecord, state: LabState | None = None) -> str:
+    """Undo one lab attack: stop the hypervisor process it started, restore what it changed, or
+    restart a compromised agent as it should be."""
+    if record.kind in AGENT_KINDS:
+        if state is None:
+            return "the lab is gone; nothing to undo"
+        from smig.lab import region
+
+        host = str(record.detail["host"])
+        region.stop_process(state, f"agent-{host}")
+        region.start_agent(state, host)
+        state.save()
+        return f"restarted {host}'s agent as it should be"
     said = []
     lab_pid = record.detail.get("lab_pid")
     if lab_pid is not None:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -173,7 +174,7 @@ completion_timeout_floor_s = 60.0
 """
 
 
-def _agent_config(state: LabState, host: str) -> str:
+def _agent_config(state: LabState, host: str, *, lie_about: Sequence[str] = (), ignore_orders: bool = False) -> str:
     ca = state.path / "ca"
     node = state.network.hosts[host]
     home = state.host_home(host)
@@ -199,7 +200,15 @@ subject_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"
 
 [migration]
 tls = true
+""" + (
+        f"""
+[lab]
+lie_about = {json.dumps(list(lie_about))}
+ignore_orders = {"true" if ignore_orders else "false"}
 """
+        if lie_about or ignore_orders
+        else ""
+    )
 
 
 # -- the operator's client (use inside the RC-TCB's namespace) ----------------------------------
@@ -359,13 +368,7 @@ def up(
         _credentials(state)
         (directory / "rctcb").mkdir()
         (directory / "rctcb.toml").write_text(_rctcb_config(state))
-        env = {"SMIG_HOME": str(directory / "rctcb"), "SMIG_CACHE": str(smig_cache())}
-        state.pids["rctcb"] = _spawn(
-            state.network.rctcb.netns,
-            _smig("rctcb", "serve", "--config", str(directory / "rctcb.toml")),
-            directory / "rctcb.log",
-            env,
-        )
+        start_rctcb(state)
         state.save()
         progress("RC-TCB starting; enrolling the hosts")
 
@@ -375,14 +378,7 @@ def up(
 
         inside(state, enrol)
         for host in names:
-            home = state.host_home(host)
-            (home / "agent.toml").write_text(_agent_config(state, host))
-            state.pids[f"agent-{host}"] = _spawn(
-                state.network.hosts[host].netns,
-                _smig("agent", "run", "--config", str(home / "agent.toml")),
-                directory / f"agent-{host}.log",
-                {"SMIG_HOME": str(home), "SMIG_CACHE": str(smig_cache())},
-            )
+            start_agent(state, host)
         state.save()
         targets = list(vm_hosts) if vm_hosts is not None else names
         wanted = [(h, f"{h}-vm{i}") for h in targets for i in range(1, vms_per_host + 1)]
@@ -398,6 +394,57 @@ def up(
     except BaseException:
         down(lab)
         raise
+
+
+def start_agent(state: LabState, host: str, *, lie_about: Sequence[str] = (), ignore_orders: bool = False) -> int:
+    """Start ``host``'s agent (after :func:`stop_process` of the old one, to restart it); with
+    ``lie_about``/``ignore_orders`` it is the lab's compromised agent. Returns its pid."""
+    home = state.host_home(host)
+    config = _agent_config(state, host, lie_about=lie_about, ignore_orders=ignore_orders)
+    (home / "agent.toml").write_text(config)
+    pid = _spawn(
+        state.network.hosts[host].netns,
+        _smig("agent", "run", "--config", str(home / "agent.toml")),
+        state.path / f"agent-{host}.log",
+        {"SMIG_HOME": str(home), "SMIG_CACHE": str(smig_cache())},
+    )
+    state.pids[f"agent-{host}"] = pid
+    return pid
+
+
+def start_rctcb(state: LabState) -> int:
+    """Start the RC-TCB in its namespace (again, after a crash: it resumes from its store)."""
+    env = {"SMIG_HOME": str(state.path / "rctcb"), "SMIG_CACHE": str(smig_cache())}
+    pid = _spawn(
+        state.network.rctcb.netns,
+        _smig("rctcb", "serve", "--config", str(state.path / "rctcb.toml")),
+        state.path / "rctcb.log",
+        env,
+    )
+    state.pids["rctcb"] = pid
+    return pid
+
+
+def stop_process(state: LabState, name: str, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+    """Signal one of the lab's own processes (``"rctcb"``, ``"agent-h1"``) and wait until it is gone."""
+    pid = state.pids.get(name)
+    if pid is None:
+        raise LabStateError(f"the lab has no process {name!r} ({', '.join(sorted(state.pids))})")
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)  # our child: reap it
+            if done:
+                return
+        except ChildProcessError:  # not our child (another `smig lab` started it)
+            if not Path(f"/proc/{pid}").exists():
+                return
+        time.sleep(0.05)
+    raise LabStateError(f"{name} (pid {pid}) did not stop within {timeout_s:.0f} s")
 
 
 def launch_vm(state: LabState, host: str, name: str, memory_mib: int, dirty_mbps: int) -> str:
@@ -432,8 +479,9 @@ def down(lab: str) -> net.Reclaimed:
 
 def _undo_quietly(record: dict[str, Any]) -> None:
     from smig.lab import attacks
+    from smig.lab.host_attacks import heal_record
 
     try:
-        attacks.undo(attacks.AttackRecord.from_json(record))
+        heal_record(attacks.AttackRecord.from_json({k: v for k, v in record.items() if k != "host"}))
     except SmigError as e:
         log.info("undoing %s: %s", record.get("id"), e)

@@ -1,0 +1,794 @@
+"""The RC-TCB's orders, carried out on this host: live migrations in and out, and cold restarts.
+
+:class:`OrderExecutor` is the host's side of :class:`~smig.rctcb.agents.AgentClient`, all of it
+but ``fence`` (which goes round the agent, to the host's BMC). It drives the local driver through
+Nova's phases, one side per host: ``prepare_incoming`` / ``finish_incoming`` / ``abort_incoming``
+when this host receives, ``start_migration`` / ``migration_progress`` / ``cancel_migration`` /
+``resume_source`` / ``finish_outgoing`` when it sends.
+
+**Idempotent per order id.** Every call that changes something names the RC-TCB's order id (one
+per attempt), and the order is written to the journal before the hypervisor is touched. A call
+repeated with an order id the journal knows does not start a second process or migration: it
+answers from the journal (``prepare_incoming`` gives the same address; ``progress`` of a finished
+order says how it finished, never ``none``).
+
+**Restart-safe.** The journal is one JSON file, ``<state_dir>/orders.json``, replaced atomically
+(temp file, fsync, rename). Each order has a side, a VM, the incoming address and a stage::
+
+    target:   prepared ──► arrived             (the VM came in and runs here)
+                  └──────► aborted ──► prepared  (slot dropped; re-prepared if the order repeats)
+    source:   migrating ──► completing ──► completed   (QEMU done → the source QEMU is stopped)
+                  └──────► failed | cancelled          (the VM was resumed here)
+    restart:  starting ──► started ──► starting   (again only if the VM stopped since)
+
+Orders still ``prepared``, ``migrating`` or ``completing`` are followed by a background task each,
+started when the order is given and again when a new executor opens the journal (QEMU carries on
+with a migration while no agent watches). The same settling also runs inside ``progress``,
+``where`` and every other call about that VM, so the order in which the RC-TCB asks never
+matters. After a completed migration the source says ABSENT and the target RUNNING; after a
+failed or cancelled one the VM runs on the source and the target's slot is gone: one running
+copy, always.
+
+The address a target hands out (and the source receives back through the RC-TCB) is compact
+JSON: ``{"v":1,"order":ID,"uri":"tcp:HOST:PORT","tls":NAME|null,"pid":N,"instance":ID,
+"accel":"tcg"}``. The source accepts only ``tcp:`` URIs: QEMU would run an ``exec:`` one as a
+shell command.
+
+Errors follow :mod:`smig.rctcb.agents`: VMNotFound, MigrationError (DestinationUnreachable,
+TLSError, PortInUse), HypervisorError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from smig.errors import (
+    ConfigError,
+    DestinationUnreachable,
+    HypervisorError,
+    MigrationError,
+    QMPError,
+    SmigError,
+    VMExists,
+    VMNotFound,
+    VMStateError,
+)
+from smig.hypervisor import process
+from smig.hypervisor.base import Capability, HypervisorDriver
+from smig.hypervisor.qemu import QemuDriver
+from smig.model import (
+    Accel,
+    IncomingVM,
+    MigrationParams,
+    MigrationStatus,
+    PlacedVM,
+    TLSConfig,
+    Transport,
+    VMSpec,
+    VMState,
+    valid_vm_name,
+)
+from smig.pki import tls_config_for
+from smig.rctcb.agents import MigrationPhase, MigrationView, VMWhere
+
+__all__ = ["JOURNAL", "TRANSITIONS", "OrderExecutor", "Side", "Stage", "migration_tls_dir"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+JOURNAL = "orders.json"
+
+
+class Side(StrEnum):
+    """What this host is to an order."""
+
+    SOURCE = "source"
+    TARGET = "target"
+    RESTART = "restart"
+
+
+class Stage(StrEnum):
+    """Where one order stands on this host (see the module docstring)."""
+
+    PREPARED = "prepared"
+    ARRIVED = "arrived"
+    ABORTED = "aborted"
+    MIGRATING = "migrating"
+    COMPLETING = "completing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    STARTING = "starting"
+    STARTED = "started"
+
+    @property
+    def in_flight(self) -> bool:
+        """Followed until it settles: QEMU may move it on while nobody asks."""
+        return self in (Stage.PREPARED, Stage.MIGRATING, Stage.COMPLETING)
+
+
+_S = Stage
+TRANSITIONS: frozenset[tuple[Stage, Stage]] = frozenset(
+    {
+        (_S.PREPARED, _S.ARRIVED),
+        (_S.PREPARED, _S.ABORTED),
+        (_S.ABORTED, _S.PREPARED),
+        (_S.MIGRATING, _S.COMPLETING),
+        (_S.MIGRATING, _S.FAILED),
+        (_S.MIGRATING, _S.CANCELLED),
+        (_S.COMPLETING, _S.COMPLETED),
+        (_S.STARTING, _S.STARTED),
+        (_S.STARTED, _S.STARTING),
+    }
+)
+"""Every stage change an order may make; an order's first stage is set by its side."""
+
+
+@dataclass(frozen=True)
+class _Order:
+    """One journal entry. ``incoming`` is the target's slot (an IncomingVM as JSON)."""
+
+    id: str
+    side: Side
+    vm: str
+    stage: Stage
+    address: str = ""
+    incoming: dict[str, Any] | None = None
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    error: str | None = None
+    updated_at: float = 0.0
+
+    def to(self, stage: Stage, **changes: Any) -> _Order:
+        assert stage is self.stage or (self.stage, stage) in TRANSITIONS, f"{self.stage} → {stage} is not allowed"
+        return replace(self, stage=stage, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "side": self.side.value, "stage": self.stage.value}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> _Order:
+        return cls(**{**body, "side": Side(body["side"]), "stage": Stage(body["stage"])})
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+class _Journal:
+    """The orders this host took, in memory and in ``orders.json``; finished ones are kept for
+    ``retention_s`` so that a late repeat of the RC-TCB still finds them."""
+
+    def __init__(self, directory: Path, retention_s: float, clock: Callable[[], float]) -> None:
+        self.path = directory / JOURNAL
+        self._retention_s = retention_s
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            body = json.loads(self.path.read_text()) if self.path.exists() else {"orders": {}}
+            self.orders = {k: _Order.from_json(v) for k, v in body["orders"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"cannot read the order journal {self.path}: {e}. Move it aside to start with an empty "
+                "journal; orders in flight are then forgotten (the RC-TCB finds the VMs with `where`)"
+            ) from e
+
+    async def put(self, order: _Order) -> _Order:
+        order = replace(order, updated_at=self._clock())
+        self.orders[order.id] = order
+        await self._save()
+        return order
+
+    def touch(self, order: _Order) -> _Order:
+        """Keep a change in memory only (live byte counts); the next write takes it along."""
+        self.orders[order.id] = order
+        return order
+
+    async def drop(self, order_id: str) -> None:
+        self.orders.pop(order_id, None)
+        await self._save()
+
+    async def _save(self) -> None:
+        async with self._lock:
+            horizon = self._clock() - self._retention_s
+            for key in [k for k, o in self.orders.items() if not o.stage.in_flight and o.updated_at < horizon]:
+                del self.orders[key]
+            text = json.dumps({"version": 1, "orders": {k: o.to_json() for k, o in self.orders.items()}}, indent=1)
+            try:
+                await asyncio.to_thread(_write_atomic, self.path, text)
+            except OSError as e:
+                raise HypervisorError(f"cannot write the order journal {self.path}: {e.strerror or e}") from e
+
+
+# -- the address a target hands out -----------------------------------------------------------
+
+_TCP_URI = re.compile(r"^tcp:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+
+
+def _address(incoming: IncomingVM, order_id: str) -> str:
+    body = {
+        "v": 1, "order": order_id, "uri": incoming.uri, "tls": incoming.tls_hostname,
+        "pid": incoming.pid, "instance": incoming.instance, "accel": incoming.accel.value,
+    }  # fmt: skip
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _destination(address: str, spec: VMSpec) -> IncomingVM:
+    """The target's slot as the source needs it. Raises DestinationUnreachable for a bad address."""
+    try:
+        body = json.loads(address)
+        uri, tls, pid, instance = body["uri"], body.get("tls"), body["pid"], body["instance"]
+        if not (isinstance(uri, str) and _TCP_URI.match(uri)):
+            raise ValueError(f"{uri!r} is not a tcp:HOST:PORT address")
+        if not (tls is None or isinstance(tls, str)) or not isinstance(pid, int) or not isinstance(instance, str):
+            raise ValueError("a field has the wrong type")
+        return IncomingVM(spec, uri, pid, instance, Accel(body["accel"]), tls)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DestinationUnreachable(
+            f"{address[:200]!r} is not an incoming address a target agent gave ({e}); "
+            "the RC-TCB must pass on what prepare_incoming returned",
+            vm=spec.name,
+        ) from None
+
+
+def _incoming_json(incoming: IncomingVM) -> dict[str, Any]:
+    return {**dataclasses.asdict(incoming), "accel": incoming.accel.value}
+
+
+def _incoming_of(order: _Order) -> IncomingVM:
+    assert order.incoming is not None
+    body = order.incoming
+    return IncomingVM(
+        VMSpec(**body["spec"]), body["uri"], body["pid"], body["instance"], Accel(body["accel"]), body["tls_hostname"]
+    )
+
+
+def _spec_of(vm: PlacedVM) -> VMSpec:
+    """The VMSpec an order carries. Raises HypervisorError when there is none or it is unreadable."""
+    if not vm.spec:
+        raise HypervisorError(
+            f"the order for {vm.name} carries no VM spec (its host's agent never reported one to the RC-TCB), "
+            "so this host cannot prepare for it",
+            vm=vm.name,
+        )
+    try:
+        body = json.loads(vm.spec)
+        spec = VMSpec(**body)
+        for f in dataclasses.fields(VMSpec):
+            value, want = getattr(spec, f.name), str if f.name in ("name", "cpu_model") else int
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise ValueError(f"{f.name} must be {want.__name__}, not {value!r}")
+    except (ValueError, TypeError) as e:
+        raise HypervisorError(f"the spec of {vm.name} in the order is unreadable ({e}): {vm.spec[:200]!r}") from None
+    if spec.name != vm.name:
+        raise HypervisorError(f"the order for {vm.name} carries the spec of {spec.name}", vm=vm.name)
+    return spec
+
+
+_WHERE = {
+    VMState.RUNNING: VMWhere.RUNNING,
+    VMState.PAUSED: VMWhere.PAUSED,
+    VMState.MIGRATED: VMWhere.PAUSED,  # postmigrate: `cont` would make a second copy
+    VMState.UNKNOWN: VMWhere.PAUSED,  # a process that does not answer still holds the VM
+    VMState.INCOMING: VMWhere.INCOMING,
+}
+
+
+class OrderExecutor:
+    """Carries out the RC-TCB's orders through ``driver``; the journal lives in ``state_dir``.
+
+    ``tls``: this host's migration credentials (:func:`migration_tls_dir`); given, every migration
+    in and out runs over TLS, and a QEMU driver must have been built with the same credentials
+    (``True``: over TLS with whatever credentials the driver was built with).
+    ``bandwidth_mibps``, ``downtime_ms``: as :class:`~smig.model.MigrationParams` (None: the
+    driver's default).
+    Use it as an async context manager, or call :meth:`start` and :meth:`close`.
+
+    Raises ConfigError at construction: a driver that lacks a capability this needs, credentials
+    that differ from the driver's, an unreadable journal.
+    """
+
+    def __init__(
+        self,
+        driver: HypervisorDriver,
+        state_dir: Path,
+        *,
+        tls: TLSConfig | bool | None = None,
+        bandwidth_mibps: float | None = None,
+        downtime_ms: int | None = None,
+        poll_interval_s: float = 0.2,
+        settle_wait_s: float = 0.3,
+        abort_grace_s: float = 1.0,
+        retention_s: float = 7 * 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        need = {Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT, Capability.CANCEL_MIGRATION}
+        need |= {Capability.TLS_MIGRATION} if tls else set()
+        need |= {Capability.BANDWIDTH_LIMIT} if bandwidth_mibps is not None else set()
+        missing = need - driver.capabilities
+        if missing:
+            raise ConfigError(f"the hypervisor driver cannot do {', '.join(sorted(m.value for m in missing))}")
+        own = driver.config.tls if isinstance(driver, QemuDriver) else True
+        if tls and (own is None or tls not in (True, own)):
+            raise ConfigError(
+                f"migration over TLS needs the QEMU driver built with the same credentials: it has "
+                f"{own}, the executor was given {tls}; set QemuConfig(tls=...)"
+            )
+        self._driver = driver
+        self._params = MigrationParams(
+            Transport.TCP,
+            bandwidth_mibps=bandwidth_mibps,
+            downtime_limit_ms=MigrationParams.downtime_limit_ms if downtime_ms is None else downtime_ms,
+            tls=bool(tls),
+        )
+        self._poll_s = poll_interval_s
+        self._settle_wait_s = settle_wait_s
+        self._abort_grace_s = abort_grace_s
+        self._journal = _Journal(state_dir, retention_s, clock)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._started = False
+
+    # -- life ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Follow the orders a previous executor left in flight (also done on the first call)."""
+        self._ensure_started()
+
+    async def close(self) -> None:
+        """Stop following; QEMU carries on, and a new executor over the same journal picks up."""
+        tasks = list(self._followers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._followers.clear()
+        self._started = False
+
+    async def __aenter__(self) -> OrderExecutor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            for order in list(self._journal.orders.values()):
+                if order.stage.in_flight:
+                    self._follow(order)
+
+    def _lock(self, vm: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm, asyncio.Lock())
+
+    def _of(self, vm: str, side: Side | None = None, *stages: Stage) -> list[_Order]:
+        return [
+            o
+            for o in self._journal.orders.values()
+            if o.vm == vm and (side is None or o.side is side) and (not stages or o.stage in stages)
+        ]
+
+    def _known(self, order_id: str, side: Side, vm: str) -> _Order | None:
+        order = self._journal.orders.get(order_id)
+        if order is not None and (order.side is not side or order.vm != vm):
+            raise HypervisorError(
+                f"order {order_id} is a {order.side.value} order for {order.vm} on this host; "
+                f"it cannot also be a {side.value} order for {vm}",
+                vm=vm,
+            )
+        return order
+
+    # -- the orders ----------------------------------------------------------------------------
+
+    async def prepare_incoming(self, vm: PlacedVM, order_id: str) -> str:
+        """Start a QEMU waiting for ``vm``'s migration; the address the source must send to.
+
+        Raises: HypervisorError (VMExists when the VM runs here; no or a bad spec in the order),
+        PortInUse, TLSError, LaunchError."""
+        self._ensure_started()
+        spec = _spec_of(vm)
+        async with self._lock(vm.name):
+            await self._settle_all(vm.name)
+            order = self._known(order_id, Side.TARGET, vm.name)
+            if order is not None and order.stage in (Stage.PREPARED, Stage.ARRIVED):
+                return order.address
+            if await self._here(vm.name) in (VMWhere.RUNNING, VMWhere.PAUSED):
+                raise VMExists(f"{vm.name} already runs on this host: it cannot be received here", vm=vm.name)
+            for old in self._of(vm.name, Side.TARGET, Stage.PREPARED):  # an older order's slot is replaced
+                if (await self._abort_slot(old)).stage is Stage.ARRIVED:
+                    raise VMExists(f"{vm.name} arrived here by order {old.id} meanwhile", vm=vm.name)
+            incoming = await self._call(self._driver.prepare_incoming(spec, self._params), vm.name)
+            address = _address(incoming, order_id)
+            changes: dict[str, Any] = {"address": address, "incoming": _incoming_json(incoming), "error": None}
+            if order is None:
+                new = _Order(order_id, Side.TARGET, vm.name, Stage.PREPARED, **changes)
+            else:
+                new = order.to(Stage.PREPARED, **changes)
+            try:
+                new = await self._journal.put(new)
+            except BaseException:
+                await self._driver.abort_incoming(incoming)
+                raise
+            log.info("%s: waiting for its migration at %s (order %s)", vm.name, incoming.uri, order_id)
+            self._follow(new)
+            return address
+
+    async def migrate(self, vm_name: str, target_address: str, order_id: str) -> None:
+        """Start sending ``vm_name`` to ``target_address``; returns once QEMU has started.
+
+        Raises: VMNotFound, MigrationError (already migrating for another order), DestinationUnreachable
+        (a bad address), TLSError, HypervisorError."""
+        self._ensure_started()
+        async with self._lock(vm_name):
+            if self._known(order_id, Side.SOURCE, vm_name) is not None:
+                return  # started (or finished) already
+            await self._settle_all(vm_name)
+            busy = self._of(vm_name, Side.SOURCE, Stage.MIGRATING, Stage.COMPLETING)
+            if busy:
+                raise MigrationError(f"{vm_name} is already migrating for order {busy[0].id}", vm=vm_name)
+            spec = await self._call(self._driver.spec(vm_name), vm_name)
+            destination = _destination(target_address, spec)
+            order = await self._journal.put(
+                _Order(order_id, Side.SOURCE, vm_name, Stage.MIGRATING, address=target_address)
+            )
+            try:
+                await self._driver.start_migration(vm_name, destination, self._params)
+            except SmigError as e:
+                await self._journal.drop(order_id)  # QEMU refused: nothing started
+                if isinstance(e, VMStateError) and await self._source_gone(vm_name):
+                    raise VMNotFound(f"{vm_name} does not run on this host (its QEMU exited)", vm=vm_name) from e
+                raise
+            except BaseException:
+                self._follow(order)  # cancelled half-way: whatever QEMU did, the follower finds out
+                raise
+            log.info("%s: migrating to %s (order %s)", vm_name, destination.uri, order_id)
+            self._follow(order)
+
+    async def progress(self, vm_name: str, order_id: str) -> MigrationView:
+        """Where the outgoing migration of ``order_id`` stands (``none``: never given here)."""
+        self._ensure_started()
+        async with self._lock(vm_name):
+            order = self._journal.orders.get(order_id)
+            if order is None or order.side is not Side.SOURCE or order.vm != vm_name:
+                return MigrationView(MigrationPhase.NONE)
+            try:
+                order = await self._settle(order)
+            except SmigError:
+                if order.stage is not Stage.COMPLETING:
+                    raise
+                # QEMU said completed; stopping the source is the follower's to finish.
+            return _view(order)
+
+    async def cancel(self, vm_name: str, order_id: str) -> None:
+        """Cancel the outgoing migration of ``order_id``; the VM keeps running here (unless it
+        completed first). Raises HypervisorError."""
+        self._ensure_started()
+        async with self._lock(vm_name):
+            order = self._journal.orders.get(order_id)
+            if order is None or order.side is not Side.SOURCE or order.vm != vm_name:
+                return
+            order = await self._settle(order)
+            if order.stage is Stage.MIGRATING:
+                try:
+                    await self._driver.cancel_migration(vm_name)
+                except QMPError:
+                    if not await self._source_gone(vm_name):
+                        raise
+                order = await self._settle(order)
+            log.info("%s: order %s is %s after cancel", vm_name, order_id, order.stage.value)
+
+    async def abort_incoming(self, vm_name: str, order_id: str) -> None:
+        """Drop the incoming slot of ``order_id``; a VM that arrived through it is left running."""
+        self._ensure_started()
+        async with self._lock(vm_name):
+            order = self._journal.orders.get(order_id)
+            if order is not None and (order.side, order.vm, order.stage) == (Side.TARGET, vm_name, Stage.PREPARED):
+                await self._abort_slot(order)
+
+    async def where(self, vm_name: str) -> VMWhere:
+        """What this host holds of ``vm_name`` now, after settling its orders. Raises HypervisorError."""
+        self._ensure_started()
+        if not valid_vm_name(vm_name):
+            return VMWhere.ABSENT  # no VM of such a name can exist here
+        async with self._lock(vm_name):
+            await self._settle_all(vm_name)
+            return await self._here(vm_name)
+
+    async def start_from_disk(self, vm: PlacedVM, order_id: str) -> None:
+        """Boot ``vm`` here from its spec (cold restart); returns once its guest runs. A VM that
+        already runs here is left as it is. Raises HypervisorError (LaunchError, VMStateError)."""
+        self._ensure_started()
+        spec = _spec_of(vm)
+        async with self._lock(vm.name):
+            await self._settle_all(vm.name)
+            order = self._known(order_id, Side.RESTART, vm.name)
+            here = await self._here(vm.name)
+            if here is VMWhere.PAUSED:
+                raise VMStateError(
+                    f"{vm.name} has a paused QEMU on this host; stop it before a cold restart, "
+                    "which would make a second copy",
+                    vm=vm.name,
+                )
+            for slot in self._of(vm.name, Side.TARGET, Stage.PREPARED):  # nothing will migrate into them now
+                if (await self._abort_slot(slot)).stage is Stage.ARRIVED:
+                    here = VMWhere.RUNNING
+            if here is not VMWhere.RUNNING:
+                starting = _Order(order_id, Side.RESTART, vm.name, Stage.STARTING)
+                starting = order.to(Stage.STARTING) if order else starting
+                await self._journal.put(starting)
+                try:
+                    await self._call(self._driver.launch(spec), vm.name)
+                    log.info("%s: started from its disk (order %s)", vm.name, order_id)
+                except VMExists:
+                    pass
+                except BaseException:
+                    await self._journal.drop(order_id)  # nothing runs: a repeat tries again
+                    raise
+                order = starting
+            if order is None:
+                order = _Order(order_id, Side.RESTART, vm.name, Stage.STARTED)
+            await self._journal.put(order.to(Stage.STARTED))
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def _call(self, coro: Awaitable[T], vm: str) -> T:
+        """A driver call whose ConfigError (a spec or name it cannot use) is this host's failure."""
+        try:
+            return await coro
+        except ConfigError as e:
+            raise HypervisorError(str(e), vm=vm) from e
+
+    def _follow(self, order: _Order) -> None:
+        task = self._followers.get(order.id)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._follower(order.id, order.vm))
+            self._followers[order.id] = task
+            task.add_done_callback(self._follower_done)
+
+    def _follower_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("an order follower stopped: %r", task.exception())
+
+    async def _follower(self, order_id: str, vm: str) -> None:
+        delay = self._poll_s
+        while True:
+            async with self._lock(vm):
+                order = self._journal.orders.get(order_id)
+                if order is None or not order.stage.in_flight:
+                    return
+                try:
+                    order = await self._settle(order)
+                    delay = self._poll_s
+                except SmigError as e:
+                    log.warning("%s: order %s: %s; trying again", vm, order_id, e)
+                    delay = min(delay * 2, 5.0)
+                if not order.stage.in_flight:
+                    return
+            await asyncio.sleep(delay)
+
+    async def _settle_all(self, vm: str) -> None:
+        for order in self._of(vm):
+            if order.stage.in_flight:
+                try:
+                    await self._settle(order)
+                except SmigError as e:  # what is left in flight is judged conservatively by the caller
+                    log.warning("%s: order %s: %s", vm, order.id, e)
+
+    async def _settle(self, order: _Order) -> _Order:
+        """Move ``order`` on as far as the hypervisor shows it has gone. Raises SmigError."""
+        if order.side is Side.SOURCE and order.stage in (Stage.MIGRATING, Stage.COMPLETING):
+            return await self._settle_source(order)
+        if order.side is Side.TARGET and order.stage is Stage.PREPARED:
+            return await self._settle_target(order, self._settle_wait_s)
+        return order
+
+    async def _settle_source(self, order: _Order) -> _Order:
+        name = order.vm
+        if order.stage is Stage.MIGRATING:
+            try:
+                p = await self._driver.migration_progress(name)
+            except VMNotFound:
+                return await self._journal.put(order.to(Stage.FAILED, error=f"{name} was stopped here meanwhile"))
+            except QMPError:
+                if not await self._source_gone(name):
+                    raise
+                why = f"the QEMU of {name} on this host exited during the migration (fenced or crashed)"
+                return await self._journal.put(order.to(Stage.FAILED, error=why))
+            if p.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
+                try:
+                    await self._driver.resume_source(name)
+                except VMStateError as e:
+                    log.warning("%s: %s", name, e)
+                stage = Stage.FAILED if p.status is MigrationStatus.FAILED else Stage.CANCELLED
+                why = p.error or ("cancelled on request" if stage is Stage.CANCELLED else "QEMU gave no reason")
+                log.info("%s: migration of order %s %s (%s); it runs here", name, order.id, stage.value, why)
+                return await self._journal.put(order.to(stage, error=why))
+            if p.status is MigrationStatus.NONE:
+                why = "this host never started the migration (its agent stopped first); the VM runs here"
+                return await self._journal.put(order.to(Stage.FAILED, error=why))
+            if p.status is not MigrationStatus.COMPLETED:
+                return self._journal.touch(
+                    replace(order, transferred_bytes=p.transferred_bytes, remaining_bytes=p.remaining_bytes)
+                )
+            # Write-ahead: once the source QEMU is stopped, nothing here could tell it had completed.
+            order = await self._journal.put(
+                order.to(Stage.COMPLETING, transferred_bytes=p.transferred_bytes, remaining_bytes=0)
+            )
+        try:
+            spec = await self._driver.spec(name)
+        except VMNotFound:
+            return await self._journal.put(order.to(Stage.COMPLETED))  # finished before a restart
+        try:
+            stats = await self._driver.finish_outgoing(name, _destination(order.address, spec), self._params)
+            log.info("%s: left (order %s, %d ms, %d ms down)", name, order.id, stats.total_ms, stats.downtime_ms)
+        except (QMPError, VMStateError):
+            if not await self._source_gone(name):
+                raise
+            with contextlib.suppress(VMNotFound):
+                await self._driver.stop(name)  # only the dead source's record is left
+        return await self._journal.put(order.to(Stage.COMPLETED))
+
+    async def _source_gone(self, name: str) -> bool:
+        try:
+            return (await self._driver.status(name)).info.state is VMState.STOPPED
+        except VMNotFound:
+            return True
+
+    def _slot_alive(self, incoming: IncomingVM) -> bool:
+        return process.is_ours(incoming.pid, f"/{incoming.instance}/")
+
+    async def _settle_target(self, order: _Order, wait_s: float) -> _Order:
+        """A slot whose QEMU runs the guest has arrived; one whose QEMU exited has failed."""
+        incoming = _incoming_of(order)
+        if self._slot_alive(incoming):
+            try:
+                await asyncio.wait_for(self._driver.finish_incoming(incoming), wait_s)
+            except TimeoutError:
+                return order  # still waiting for (or receiving) the migration
+            except MigrationError:
+                if self._slot_alive(incoming):
+                    raise
+            else:
+                log.info("%s: arrived here (order %s)", order.vm, order.id)
+                return await self._journal.put(order.to(Stage.ARRIVED))
+        return await self._drop_slot(order, incoming, "its QEMU exited: the migration into it failed or was cancelled")
+
+    async def _abort_slot(self, order: _Order) -> _Order:
+        # A slot may be taking in the last bytes of a migration its source already calls complete:
+        # killing it then would lose the VM. Give it a moment to start the guest.
+        order = await self._settle_target(order, self._abort_grace_s)
+        if order.stage is Stage.PREPARED:
+            order = await self._drop_slot(order, _incoming_of(order), "aborted on the RC-TCB's order")
+        return order
+
+    async def _drop_slot(self, order: _Order, incoming: IncomingVM, why: str) -> _Order:
+        with contextlib.suppress(FileNotFoundError):  # its directory may be gone already
+            await self._driver.abort_incoming(incoming)
+        log.info("%s: incoming slot of order %s dropped: %s", order.vm, order.id, why)
+        return await self._journal.put(order.to(Stage.ABORTED, error=why))
+
+    async def _here(self, vm: str) -> VMWhere:
+        """What this host holds of ``vm``, its orders settled as far as they go."""
+        if self._of(vm, Side.SOURCE, Stage.MIGRATING):
+            return VMWhere.RUNNING  # QEMU keeps the guest running while it sends it
+        if self._of(vm, Side.SOURCE, Stage.COMPLETING):
+            return VMWhere.PAUSED  # a stopped source not yet cleaned up
+        try:
+            where = _WHERE.get((await self._driver.status(vm)).info.state)
+        except (VMNotFound, ConfigError):
+            where = None
+        if where is not None:
+            return where
+        return VMWhere.INCOMING if self._of(vm, Side.TARGET, Stage.PREPARED) else VMWhere.ABSENT
+
+
+def _view(order: _Order) -> MigrationView:
+    phase = {
+        Stage.MIGRATING: MigrationPhase.ACTIVE,
+        Stage.COMPLETING: MigrationPhase.COMPLETED,
+        Stage.COMPLETED: MigrationPhase.COMPLETED,
+        Stage.FAILED: MigrationPhase.FAILED,
+        Stage.CANCELLED: MigrationPhase.CANCELLED,
+    }[order.stage]
+    return MigrationView(phase, order.transferred_bytes, order.remaining_bytes, order.error)
+
+
+# -- TLS credentials for migrations ---------------------------------------------------------------
+
+
+def migration_tls_dir(cert: Path, key: Path, ca: Path, out: Path, hostname: str) -> TLSConfig:
+    """Lay out this agent's region-CA identity the way QEMU's ``tls-creds-x509`` reads it.
+
+    ``out`` gets ``ca-cert.pem`` and the identity twice, as ``server-*`` (receiving) and
+    ``client-*`` (sending); keys 0600, the directory 0700. ``hostname`` is the name (or IP
+    address) the source checks in this host's certificate: it must be one of the certificate's
+    subject alternative names. An agent certificate from :func:`smig.rctcb.ca.issue_identity`
+    (P-256, TLS server and client) works as it is with QEMU 7.2 and GnuTLS.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, the key is not the certificate's, the
+            certificate is not the CA's, is not for both TLS server and client, or does not name
+            ``hostname``.
+    """
+    try:
+        cert_pem, key_pem, ca_pem = cert.read_bytes(), key.read_bytes(), ca.read_bytes()
+        leaf, ca_cert = x509.load_pem_x509_certificate(cert_pem), x509.load_pem_x509_certificate(ca_pem)
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"cannot read the migration TLS credentials ({cert}, {key}, {ca}): {e}") from e
+    if private.public_key() != leaf.public_key():
+        raise ConfigError(f"{key} is not the key of {cert}")
+    try:
+        leaf.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise ConfigError(f"{cert} was not issued by the CA in {ca}: {e}") from e
+    try:
+        usages = set(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    if not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages:
+        raise ConfigError(f"{cert} must be valid for TLS server and client auth (issue it for the agent role)")
+    if hostname not in _names_of(leaf):
+        raise ConfigError(
+            f"{cert} does not name {hostname!r} (it names {', '.join(sorted(_names_of(leaf))) or 'nothing'}); "
+            "the source of a migration would refuse it: issue it with that name or address"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(out, 0o700)
+        files = {"ca-cert.pem": (ca_pem, 0o644)}
+        for role in ("server", "client"):
+            files[f"{role}-cert.pem"] = (cert_pem, 0o644)
+            files[f"{role}-key.pem"] = (key_pem, 0o600)
+        for name, (data, mode) in files.items():
+            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(out / name, mode)
+    except OSError as e:
+        raise ConfigError(f"cannot write the migration TLS directory {out}: {e.strerror or e}") from e
+    return tls_config_for(out, hostname)
+
+
+def _names_of(cert: x509.Certificate) -> set[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    ips = {str(a) for a in sans.get_values_for_type(x509.IPAddress) if isinstance(a, IPv4Address | IPv6Address)}
+    return set(sans.get_values_for_type(x509.DNSName)) | ips
