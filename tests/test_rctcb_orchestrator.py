@@ -167,6 +167,25 @@ def test_a_refusing_source_is_fenced_and_the_vm_restarted_from_disk_on_the_targe
     store.close()
 
 
+def test_a_source_whose_agent_answers_nothing_is_fenced_out_of_band_and_restarted_once(db: Path) -> None:
+    # Seen in the lab: an agent that ignores the RC-TCB never answers `where` either. The fence
+    # (out of band) is what shows its VM gone; without that the order went fencing ⇄ restarting.
+    fake = FakeRegionAgents()
+    fake.faults.unreachable.add(BAD)
+    orch = evacuate(db, fake, [vm("web")])
+    store = orch._store
+    assert isinstance(store, SQLiteStore)
+    assert assert_evacuated(store, fake, [vm("web")]) == {"web": "t1"}
+    assert fake.hosts[BAD] == {}
+    steps = [k for k in kinds(store) if k.startswith("migration.")]
+    assert steps == [
+        "migration.planned", "migration.preparing", "migration.migrating", "migration.fencing",
+        "migration.restarting", "migration.done",
+    ], steps  # fmt: skip
+    assert [m for h, m, _, _ in fake.calls if m == "start_from_disk"] == ["start_from_disk"]
+    store.close()
+
+
 def test_with_no_trusted_room_the_order_fails_and_the_vm_keeps_running_on_its_source(db: Path) -> None:
     fake = FakeRegionAgents()
     huge = vm("huge", 65536)

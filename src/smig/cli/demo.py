@@ -15,6 +15,7 @@ from rich.text import Text
 from smig.cli.common import err, fail, out
 from smig.errors import SmigError
 
+_QUIET = frozenset({"effect.ignored", "migration.progress"})
 _COLOURS = {"trusted": "green", "suspect": "yellow", "untrusted": "red", "unknown": "magenta", "enrolling": "cyan"}
 
 
@@ -35,9 +36,13 @@ def _screen(watch: Any, started: float) -> Group:
         share = sent / (sent + left) if sent + left else (1.0 if p["kind"] == "migration.done" else 0.0)
         bar = "█" * int(share * 20) + "░" * (20 - int(share * 20))
         moves.add_row(vm, f"{p['source']} → {p['target'] or '?'}", p["state"], f"{bar} {share * 100:3.0f}%")
+    # Reports the policy ignores (on an already untrusted host, say) are noise on this screen.
+    shown = [(at, kind, data) for at, kind, data in watch.events if kind not in _QUIET]
     lines = [
-        Text(f"{time.strftime('%H:%M:%S', time.localtime(at))} {kind} {_brief(data)}")
-        for at, kind, data in watch.events[-8:]
+        Text(
+            f"{time.strftime('%H:%M:%S', time.localtime(at))} {kind} {_brief(data)}", overflow="ellipsis", no_wrap=True
+        )
+        for at, kind, data in shown[-8:]
     ]
     return Group(table, moves, *lines)
 
@@ -48,13 +53,16 @@ def _brief(data: dict[str, Any]) -> str:
 
 
 def _fmt(t: float | None, zero: float) -> str:
-    return "-" if t is None else f"+{(t - zero) * 1000:.0f} ms"
+    return "-" if t is None else f"{(t - zero) * 1000:.0f}"
 
 
 def _print_timeline(result: Any) -> None:
-    table = Table(title=f"{result.attacked_host} tampered ({result.attack}, policy {result.policy})")
-    for column in ("VM", "→", "mode", "mismatch", "UNTRUSTED", "decided", "moving", "running", "down", "beat", "boot"):
-        table.add_column(column)
+    table = Table(
+        title=f"{result.attacked_host} tampered ({result.attack}, policy {result.policy}): ms after the tamper",
+        caption="mismatch: first verified mismatch · moving/running: migration start/end · down: guest-visible pause",
+    )
+    for column in ("VM", "to", "mode", "mismatch", "UNTRUSTED", "decided", "moving", "running", "down", "beat", "boot"):
+        table.add_column(column, no_wrap=True)
     for v in result.vms:
         zero = v["tamper_at"]
         same = v["boot_id_before"] is not None and v["boot_id_before"] == v["boot_id_after"]
@@ -67,8 +75,8 @@ def _print_timeline(result: Any) -> None:
             _fmt(v["decided_at"], zero),
             _fmt(v["migration_started_at"], zero),
             _fmt(v["migration_completed_at"], zero),
-            f"{v['downtime_ms']:.0f} ms" if v["downtime_ms"] is not None else "-",
-            f"{v['heartbeat_before']} → {v['heartbeat_after']}",
+            f"{v['downtime_ms']:.0f}" if v["downtime_ms"] is not None else "-",
+            f"{v['heartbeat_before']}→{v['heartbeat_after']}",
             "same" if same else "NEW" if v["boot_id_after"] else "-",
         )
     out.print(table)

@@ -12,8 +12,8 @@ spent, still fails) is fenced and the VM restarted from its disk on the prepared
 ``MIGRATING → FENCING → RESTARTING → COMPLETING → DONE``. Safety rules:
 
 - fencing only with a target slot prepared (``address`` set), so a fenced VM has somewhere to go;
-- a restart only after :class:`Where` showed the source ABSENT and no trusted host running the VM:
-  never two running copies;
+- a restart only after :class:`Where` showed the source ABSENT (or fenced, and silent) and no
+  trusted host running the VM: never two running copies;
 - whenever :class:`Where` shows the VM running on a trusted host it tried, that copy is adopted;
 - FAILED only where the VM still runs on its source (nothing was fenced), with the reason.
 """
@@ -383,7 +383,9 @@ def _reconcile(
         return order, (Prepare(order.target, order.step_id),)
     if s is OrderState.FENCING:
         return order, (Fence(order.source),)
-    if source is VMWhere.ABSENT:
+    # In RESTARTING the source was fenced out of band: its silence is expected (an agent that
+    # ignores the RC-TCB) and the fence, not its word, is what shows the VM gone from it.
+    if source is VMWhere.ABSENT or (s is OrderState.RESTARTING and source is None):
         if any(obs.at(h) is None for h in order.tried):
             return order, (Confirm(),)  # a target that did not answer may run it: never restart blind
         # Nowhere running: only the disk is left. Restart it on the target (the one safe move).

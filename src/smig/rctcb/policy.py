@@ -13,7 +13,8 @@ The rules, in short (see the design's "Trust model" and "Trust states"):
 - Under the *quorum* policy one monitor's mismatch makes its subject SUSPECT and asks others to
   measure it; a mismatch from a second, still trusted monitor makes it UNTRUSTED, while a match
   from an independent monitor clears it and gives each accuser a :class:`Strike`. An accuser with
-  ``strike_limit`` strikes turns SUSPECT itself. Under the *immediate* policy the first counted
+  ``strike_limit`` strikes turns SUSPECT itself, and stays SUSPECT (a match about its own code does
+  not restore its word) until an operator re-enrols it. Under the *immediate* policy the first counted
   mismatch makes the subject UNTRUSTED.
 - TRUSTED and SUSPECT hosts with no verified report for ``freshness_s`` turn UNKNOWN; an UNKNOWN
   host is evacuated once, when it has been UNKNOWN for ``unknown_grace_s``.
@@ -344,7 +345,14 @@ def _on_match(d: _Draft, row: HostRecord, ev: Verified, config: PolicyConfig) ->
             d.emit(Remeasure(row.host, accusers, "an accusation needs an independent second opinion"))
         return
     reason = f"accusation contradicted by {ev.monitor}" if accusers else f"verified match by {ev.monitor}"
-    d.settle(row, TrustState.TRUSTED, ev.at, reason, suspected_by=())
+    if row.strikes >= config.strike_limit:
+        # Its hypervisor may well be fine: its word is what is in doubt, and a match about its
+        # code says nothing about that. It stays out of the ring and off the targets until an
+        # operator re-enrols it.
+        reason = f"{reason}, but it made too many contradicted accusations"
+        d.settle(row, TrustState.SUSPECT, ev.at, reason, suspected_by=())
+    else:
+        d.settle(row, TrustState.TRUSTED, ev.at, reason, suspected_by=())
     for accuser in accusers:
         _strike(d, accuser, row.host, ev.at, config)
 
