@@ -223,12 +223,13 @@ def test_cancel_abort_and_refusals_leave_the_vm_on_its_source_and_a_cold_restart
             os.kill(info.pid, signal.SIGKILL)
             assert await process.wait_gone(info.pid, 5.0)
             assert await on_a.where("mover") is VMWhere.ABSENT
-            await on_b.start_from_disk(placed(), "f.1.r")
+            # The RC-TCB restarts into the slot it prepared, under the same attempt's order id.
+            await on_b.start_from_disk(placed(), "f.1")
             assert await on_b.where("mover") is VMWhere.RUNNING
             [pid] = b.pids()
             booted = await rising_heartbeat(b_driver, "mover")
             assert booted.boot_id != before.boot_id, "a cold restart boots the guest afresh"
-            await on_b.start_from_disk(placed(), "f.1.r")
+            await on_b.start_from_disk(placed(), "f.1")
             with pytest.raises(VMExists):  # the slot is gone, and a VM running here is never received
                 await on_b.prepare_incoming(placed(), "f.1")
             assert b.pids() == [pid] and (await b_driver.status("mover")).info.pid == pid
@@ -242,7 +243,7 @@ def test_cancel_abort_and_refusals_leave_the_vm_on_its_source_and_a_cold_restart
         assert stages(a) == {"c.1": "cancelled", "c.2": "failed", "c.3": "failed"}
         assert stages(b) == {
             "c.1": "aborted", "c.2": "aborted", "c.3": "aborted", "c.6": "aborted", "f.1": "aborted",
-            "f.1.r": "started",
+            "f.1+restart": "started",
         }  # fmt: skip
 
     asyncio.run(story())

@@ -534,6 +534,9 @@ class OrderExecutor:
         already runs here is left as it is. Raises HypervisorError (LaunchError, VMStateError)."""
         self._ensure_started()
         spec = _spec_of(vm)
+        # The RC-TCB prepares the slot and then restarts into it under the same attempt's id: the
+        # restart is journalled under its own key so the two never collide.
+        order_id = restart_key(order_id)
         async with self._lock(vm.name):
             await self._settle_all(vm.name)
             order = self._known(order_id, Side.RESTART, vm.name)
@@ -729,6 +732,11 @@ def _view(order: _Order) -> MigrationView:
 
 
 # -- TLS credentials for migrations ---------------------------------------------------------------
+
+
+def restart_key(order_id: str) -> str:
+    """The journal's key for the cold restart of order ``order_id``."""
+    return f"{order_id}+restart"
 
 
 def migration_tls_dir(cert: Path, key: Path, ca: Path, out: Path, hostname: str) -> TLSConfig:
