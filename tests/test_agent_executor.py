@@ -26,7 +26,7 @@ from smig.hypervisor.qemu import QemuConfig, QemuDriver
 from smig.hypervisor.qemu_files import VMFiles
 from smig.hypervisor.qemu_migration import TLS_IN
 from smig.hypervisor.qmp import session
-from smig.model import PlacedVM, Resources, TLSConfig, VMSpec
+from smig.model import MigrationParams, PlacedVM, Resources, TLSConfig, VMSpec
 from smig.paths import smig_cache
 from smig.rctcb.agents import MigrationPhase, MigrationView, VMWhere
 from smig.rctcb.ca import Role, init_ca, issue_identity
@@ -328,3 +328,24 @@ def test_migration_tls_dir_lays_out_the_agent_identity_and_refuses_what_qemu_wou
         migration_tls_dir(agent.cert, agent.key, tmp_path / "other" / "ca.pem", tmp_path / "q5", "host-a")
     with pytest.raises(ConfigError, match="cannot read"):
         migration_tls_dir(tmp_path / "missing.pem", agent.key, agent.ca, tmp_path / "q6", "host-a")
+
+
+def test_a_restarted_agent_stops_a_destination_no_order_knows(hosts: list[Host]) -> None:
+    # Seen in the lab: an agent SIGKILLed between starting a destination QEMU and journalling it
+    # left that QEMU waiting forever. The next agent on the host stops it; journalled slots stay.
+    _, b = hosts
+
+    async def story() -> None:
+        async with OrderExecutor(b.driver(), b.state, tls=True) as first:
+            kept = await first.prepare_incoming(placed(), "k.1")
+        # What the killed agent left: a destination started, never journalled.
+        stray = await b.driver().prepare_incoming(SPEC, MigrationParams(tls=True))
+        assert sorted(b.pids()) == sorted([stray.pid, json.loads(kept)["pid"]])
+        async with OrderExecutor(b.driver(), b.state, tls=True) as restarted:
+            await restarted.start()
+            assert b.pids() == [json.loads(kept)["pid"]], "the stray slot is stopped, the journalled one kept"
+            assert await restarted.where("mover") is VMWhere.INCOMING
+            await restarted.abort_incoming("mover", "k.1")
+        assert b.pids() == []
+
+    asyncio.run(story())

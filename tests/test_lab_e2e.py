@@ -164,6 +164,12 @@ def test_lying_monitor_refusing_source_and_crashes_mid_evacuation(lab: LabState)
     assert orders(state) == [], "a lie moved a VM"
     assert all(rows(state)[h]["state"] == "trusted" for h in ("h1", "h2", "h3"))
     heal_record(lie, state)
+    # A struck monitor stays SUSPECT (a match about its code does not restore its word) until the
+    # operator, having dealt with it, re-enrols it; then a neighbour's match makes it TRUSTED.
+    time.sleep(3.0)
+    assert rows(state)["h4"]["state"] == "suspect"
+    region.inside(state, lambda: _api(state, "POST", "/v1/hosts/h4/reenrol"))
+    until("h4 to be trusted again", lambda: rows(state)["h4"]["state"] == "trusted", 60)
 
     # 2. A source whose agent ignores orders: fenced out of band and restarted on a trusted host.
     attack_host(state, "h1", "ignore-orders")
@@ -183,6 +189,7 @@ def test_lying_monitor_refusing_source_and_crashes_mid_evacuation(lab: LabState)
         60,
         0.1,
     )
+    assert moving["state"] != "failed" and moving["target"], moving
     target = moving["target"]
     region.stop_process(state, f"agent-{target}", signal.SIGKILL)
     region.start_agent(state, target)

@@ -367,8 +367,16 @@ class OrderExecutor:
     # -- life ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Follow the orders a previous executor left in flight (also done on the first call)."""
+        """Follow the orders a previous executor left in flight (also done on the first call), and
+        stop any destination QEMU no order knows: one a killed agent started but never journalled."""
         self._ensure_started()
+        if isinstance(self._driver, QemuDriver):
+            keep = frozenset(
+                (o.vm, str(o.incoming["instance"]))
+                for o in self._journal.orders.values()
+                if o.side is Side.TARGET and o.incoming is not None and "instance" in o.incoming
+            )
+            await self._driver.stop_stray_incoming(keep)
 
     async def close(self) -> None:
         """Stop following; QEMU carries on, and a new executor over the same journal picks up."""

@@ -98,6 +98,9 @@ def demo(
     interval: float = typer.Option(1.0, "--interval", help="Mean seconds between a monitor's measurements."),
     timeout: float = typer.Option(300.0, "--timeout", help="Give the evacuation this long."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the timeline as JSON to this file."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write an HTML report with plots (response time by step, the region before and after)."
+    ),
     keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards (`smig lab down` removes it)."),
     name: str = typer.Option("demo", "--name", help="The lab's name."),
 ) -> None:
@@ -141,6 +144,10 @@ def demo(
     if json_path is not None:
         write_json(result, json_path)
         out.print(f"timeline written to {json_path}")
+    if report is not None:
+        from smig.lab.report import write_report
+
+        out.print(f"report written to {write_report(result.to_json(), report)}")
     ok = result.response_time_ms is not None and all(
         h["state"] != "untrusted" or h["id"] == result.attacked_host for h in result.hosts
     )

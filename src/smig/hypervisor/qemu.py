@@ -253,6 +253,38 @@ class QemuDriver:
                     continue
         return out
 
+    async def stop_stray_incoming(self, keep: frozenset[tuple[str, str]] = frozenset()) -> tuple[tuple[str, str], ...]:
+        """Stop every QEMU of this home that waits for an incoming migration (``inmigrate``) and is
+        neither a VM's current instance nor in ``keep`` (``(vm, instance)`` pairs still wanted).
+
+        What an agent killed between starting a destination and recording it leaves behind: a
+        process no order knows. Returns the ``(vm, instance)`` pairs stopped."""
+        stopped: set[tuple[str, str]] = set()
+        if not self._files.vms.exists():
+            return ()
+        for vm_dir in sorted(self._files.vms.iterdir()):
+            try:
+                current = self._files.record(vm_dir.name).get("instance")
+            except (VMNotFound, ConfigError):
+                current = None
+            for inst in sorted(p for p in vm_dir.iterdir() if p.is_dir()):
+                if inst.name == current or (vm_dir.name, inst.name) in keep:
+                    continue
+                paths = self._files.paths(vm_dir.name, inst.name)
+                pid = process.read_pidfile(paths.pidfile)
+                if pid is None or not process.is_ours(pid, str(paths.directory)):
+                    continue
+                try:
+                    async with session(paths.qmp_aux, vm=vm_dir.name, timeout_s=2.0) as qmp:
+                        status = str((await qmp.execute("query-status")).get("status"))
+                except QMPError:
+                    continue
+                if status == "inmigrate":
+                    log.warning("%s: stopping a stray incoming QEMU (instance %s, pid %d)", vm_dir.name, inst.name, pid)
+                    await self._kill_instance(vm_dir.name, inst.name, pid)
+                    stopped.add((vm_dir.name, inst.name))
+        return tuple(sorted(stopped))
+
     async def spec(self, name: str) -> VMSpec:
         return VMSpec(**self._files.record(name)["spec"])
 

@@ -187,9 +187,13 @@ class DemoResult:
     response_time_ms: float | None
     lab_up_s: float
     events: int
+    placement_before: dict[str, str] = field(default_factory=dict)  # VM → host
+    placement_after: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "placement_before": self.placement_before,
+            "placement_after": self.placement_after,
             "attacked_host": self.attacked_host,
             "attack": self.attack,
             "policy": self.policy,
@@ -274,7 +278,14 @@ def run_demo(
             if completed and all(c is not None for c in completed)
             else None
         )
+        after = {}
+        for vm in state.vms:
+            beat = current_beat(state, vm)
+            if beat is not None:
+                after[vm] = beat.host
         return DemoResult(
+            placement_before=dict(state.vms),
+            placement_after=after,
             attacked_host=attacked,
             attack=attack,
             policy=policy,
