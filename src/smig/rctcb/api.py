@@ -20,6 +20,7 @@ Endpoints (JSON under ``/v1``; roles in brackets)::
     POST /v1/hosts/{host}/reenrol       [operator]        row and effects
     PUT  /v1/hosts/{host}/manifest      [operator]        approve the reference manifest it is measured against
     POST /v1/tick                       [operator, rctcb] let time pass: effects
+    POST /v1/migrations/{id}/cancel     [operator]        stop one VM's move (before its source is fenced)
     GET  /v1/migrations[?all=true]      [operator]        evacuation orders; /v1/migrations/{id} one of them
     GET  /v1/audit?since=&limit=        [operator]        audit entries
     GET  /v1/audit/verify               [operator]        check the hash chain
@@ -52,7 +53,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smig.errors import AuditChainBroken, ConfigError, HostExists
+from smig.errors import AuditChainBroken, ConfigError, HostExists, MigrationError
 from smig.model import HostRecord, Resources
 from smig.rctcb.api_agents import add_agent_routes
 from smig.rctcb.api_edge import IDENTITY_KEY, ApiEdge, ApiMetrics, record_rejection
@@ -63,6 +64,7 @@ from smig.rctcb.api_models import (
     AssignmentOut,
     AuditOut,
     AuditVerifyOut,
+    CancelIn,
     DecisionOut,
     EnrolIn,
     ErrorOut,
@@ -192,6 +194,7 @@ def create_app(
     app.state.publish = events.publish
     app.state.effect_hooks = events.hooks
     app.state.tick = ticker.tick
+    app.state.cancel_order = None  # the service sets it to its orchestrator's cancel
     public = frozenset(
         p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p
     )
@@ -423,6 +426,21 @@ def _add_routes(
             if o.id == order:
                 return dict(o.body)
         raise ApiError(404, "unknown-order", f"no migration order {order!r}; GET /v1/migrations?all=true lists them")
+
+    @router.post("/v1/migrations/{order}/cancel", status_code=202)
+    async def cancel_migration(order: str, who: Operator, body: CancelIn | None = None) -> dict[str, Any]:
+        """Stop one VM's move; it stays on its source (unless it landed already). 409 once the
+        source was fenced or the order finished; 404 for an unknown order."""
+        cancel = router.state.cancel_order
+        if cancel is None:
+            raise ApiError(409, "no-orchestrator", "this service drives no evacuations, so none can be cancelled")
+        why = f"{who.name}: {body.reason}" if body and body.reason else who.name
+        try:
+            new = await cancel(order, why)
+        except MigrationError as e:
+            status, reason = (404, "unknown-order") if "no migration order" in e.message else (409, "not-cancellable")
+            raise ApiError(status, reason, e.message) from e
+        return dict(new.to_json())
 
     @router.get("/v1/audit")
     async def audit(

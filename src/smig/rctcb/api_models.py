@@ -216,3 +216,7 @@ class ManifestIn(_In):
 
 class MigrationsOut(BaseModel):
     orders: list[dict[str, Any]] = Field(description="migration orders as the orchestrator records them")
+
+
+class CancelIn(_In):
+    reason: str = Field("", max_length=1024, description="why, for the audit log")

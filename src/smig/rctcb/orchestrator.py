@@ -34,6 +34,7 @@ from smig.ivt.base import StoredOrder, Transaction
 from smig.model import HostRecord, PlacedVM, Resources
 from smig.rctcb.agents import AgentDirectory, VMWhere
 from smig.rctcb.orders import (
+    CANCELLABLE,
     AbortIncoming,
     Action,
     Admitted,
@@ -133,6 +134,26 @@ class Orchestrator:
         body = {"reason": reason, "orders": len(new), "no_capacity": len(plan.no_capacity)}
         await asyncio.to_thread(self._persist, [(None, o) for o in new], now, ("evacuation.planned", host, body))
         log.warning("evacuating %s (%s): %d VMs, %d without room", host, reason, len(new), len(plan.no_capacity))
+        return new
+
+    async def cancel(self, order_id: str, who: str) -> Order:
+        """Ask for ``order_id``'s move to stop (``who``: the operator and why); the next rounds
+        carry it out. Raises MigrationError: no such order, finished, or past fencing."""
+        order = self._orders.get(order_id)
+        if order is None:
+            stored = next((o for o in self.orders() if o.id == order_id), None)
+            if stored is None:
+                raise MigrationError(f"no migration order {order_id!r}; GET /v1/migrations?all=true lists them")
+            raise MigrationError(f"order {order_id} is already {stored.state.value}: there is nothing to cancel")
+        if order.state not in CANCELLABLE:
+            raise MigrationError(
+                f"order {order_id} is {order.state.value}: its source was fenced, so it cannot be cancelled "
+                "(the VM would be left nowhere); it will end on the target"
+            )
+        now = self._clock()
+        new = replace(order, cancel=who, updated_at=now)
+        body: dict[str, object] = {"order": order.id, "by": who, "state": order.state.value}
+        await asyncio.to_thread(self._persist, [(order, new)], now, ("migration.cancel-requested", order.vm.name, body))
         return new
 
     async def resume(self) -> None:

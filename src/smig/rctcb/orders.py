@@ -15,7 +15,9 @@ spent, still fails) is fenced and the VM restarted from its disk on the prepared
 - a restart only after :class:`Where` showed the source ABSENT (or fenced, and silent) and no
   trusted host running the VM: never two running copies;
 - whenever :class:`Where` shows the VM running on a trusted host it tried, that copy is adopted;
-- FAILED only where the VM still runs on its source (nothing was fenced), with the reason.
+- FAILED only where the VM still runs on its source (nothing was fenced), with the reason;
+- an operator's cancel (``Order.cancel``) stops a move only before its source is fenced, and a VM
+  that already landed stays where it landed.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ TRANSITIONS: frozenset[tuple[OrderState, OrderState]] = frozenset(
     for old, news in {
         _O.PLANNED: (_O.PREPARING, _O.FAILED),
         _O.PREPARING: (_O.MIGRATING, _O.FENCING, _O.FAILED, _O.DONE),
-        _O.MIGRATING: (_O.PREPARING, _O.COMPLETING, _O.FENCING, _O.RESTARTING, _O.DONE),
+        _O.MIGRATING: (_O.PREPARING, _O.COMPLETING, _O.FENCING, _O.RESTARTING, _O.DONE, _O.FAILED),
         _O.COMPLETING: (_O.PREPARING, _O.FENCING, _O.RESTARTING, _O.DONE),
         _O.FENCING: (_O.RESTARTING, _O.FAILED, _O.DONE),
         _O.RESTARTING: (_O.FENCING, _O.DONE),
@@ -115,6 +117,7 @@ class Order:
     deadline: float | None = None
     address: str | None = None
     reason: str = ""
+    cancel: str = ""  # an operator asked to stop this move: who, and why
 
     @property
     def step_id(self) -> str:
@@ -280,6 +283,8 @@ def next_step(
     s = order.state
     if not s.active:
         return order, ()
+    if order.cancel and s in CANCELLABLE:
+        return _cancelling(order, obs, now)
     if isinstance(obs, Where) and s is not OrderState.PLANNED:
         return _reconcile(order, obs, now, config, alternative)
     if s is OrderState.PLANNED:
@@ -309,6 +314,26 @@ def next_step(
         return order, (Fence(order.source),)
     # COMPLETING and RESTARTING act only on what `where` shows; anything else asks again.
     return order, (Confirm(),)
+
+
+CANCELLABLE = frozenset({OrderState.PLANNED, OrderState.PREPARING, OrderState.MIGRATING})
+"""Where an operator may still stop a move. Later the source has been fenced or the VM has landed:
+going back would leave it nowhere."""
+
+
+def _cancelling(order: Order, obs: Observation, now: float) -> tuple[Order, tuple[Action, ...]]:
+    """Stop the move and leave the VM on its source, unless it landed already (then it is adopted)."""
+    why = f"cancelled by {order.cancel}"
+    abort = (AbortIncoming(order.target, order.step_id),) if order.target else ()
+    if order.state is not OrderState.MIGRATING:  # nothing was sent yet
+        return _go(order, now, OrderState.FAILED, reason=why), abort if order.state is OrderState.PREPARING else ()
+    if isinstance(obs, Where):
+        if any(obs.at(h) is VMWhere.RUNNING for h in order.tried):
+            landed = replace(order, cancel="")  # too late: the copy on the trusted host is the VM now
+            return _reconcile(landed, obs, now, OrchestratorConfig(), None)
+        if obs.at(order.source) is VMWhere.RUNNING:
+            return _go(order, now, OrderState.FAILED, reason=why), abort
+    return order, (Cancel(order.source, order.step_id), Confirm())
 
 
 def _go(order: Order, now: float, state: OrderState, **changes: object) -> Order:

@@ -344,6 +344,7 @@ async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | No
             region, _agents(config, region), placement=placement, config=config.orchestrator, clock=time.time
         )
         evacuations = Evacuations(orchestrator, app.state.events.send)
+        app.state.cancel_order = orchestrator.cancel
         app.state.effect_hooks.append(evacuations.on_effects)
         sock = _bind(config.host, config.port)
         uv = uvicorn.Config(
