@@ -45,22 +45,15 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from enum import StrEnum
-from ipaddress import IPv4Address, IPv6Address
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
-
+from smig.agent.journal import JOURNAL, TRANSITIONS, Journal, JournalOrder, Side, Stage
+from smig.agent.migration_tls import migration_tls_dir
 from smig.errors import (
     ConfigError,
     DestinationUnreachable,
@@ -87,153 +80,12 @@ from smig.model import (
     VMState,
     valid_vm_name,
 )
-from smig.pki import tls_config_for
 from smig.rctcb.agents import MigrationPhase, MigrationView, VMWhere
 
-__all__ = ["JOURNAL", "TRANSITIONS", "OrderExecutor", "Side", "Stage", "migration_tls_dir"]
+__all__ = ["JOURNAL", "TRANSITIONS", "OrderExecutor", "Side", "Stage", "migration_tls_dir", "restart_key"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-JOURNAL = "orders.json"
-
-
-class Side(StrEnum):
-    """What this host is to an order."""
-
-    SOURCE = "source"
-    TARGET = "target"
-    RESTART = "restart"
-
-
-class Stage(StrEnum):
-    """Where one order stands on this host (see the module docstring)."""
-
-    PREPARED = "prepared"
-    ARRIVED = "arrived"
-    ABORTED = "aborted"
-    MIGRATING = "migrating"
-    COMPLETING = "completing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    STARTING = "starting"
-    STARTED = "started"
-
-    @property
-    def in_flight(self) -> bool:
-        """Followed until it settles: QEMU may move it on while nobody asks."""
-        return self in (Stage.PREPARED, Stage.MIGRATING, Stage.COMPLETING)
-
-
-_S = Stage
-TRANSITIONS: frozenset[tuple[Stage, Stage]] = frozenset(
-    {
-        (_S.PREPARED, _S.ARRIVED),
-        (_S.PREPARED, _S.ABORTED),
-        (_S.ABORTED, _S.PREPARED),
-        (_S.MIGRATING, _S.COMPLETING),
-        (_S.MIGRATING, _S.FAILED),
-        (_S.MIGRATING, _S.CANCELLED),
-        (_S.COMPLETING, _S.COMPLETED),
-        (_S.STARTING, _S.STARTED),
-        (_S.STARTED, _S.STARTING),
-    }
-)
-"""Every stage change an order may make; an order's first stage is set by its side."""
-
-
-@dataclass(frozen=True)
-class _Order:
-    """One journal entry. ``incoming`` is the target's slot (an IncomingVM as JSON)."""
-
-    id: str
-    side: Side
-    vm: str
-    stage: Stage
-    address: str = ""
-    incoming: dict[str, Any] | None = None
-    transferred_bytes: int = 0
-    remaining_bytes: int = 0
-    error: str | None = None
-    updated_at: float = 0.0
-
-    def to(self, stage: Stage, **changes: Any) -> _Order:
-        assert stage is self.stage or (self.stage, stage) in TRANSITIONS, f"{self.stage} → {stage} is not allowed"
-        return replace(self, stage=stage, **changes)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "side": self.side.value, "stage": self.stage.value}
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> _Order:
-        return cls(**{**body, "side": Side(body["side"]), "stage": Stage(body["stage"])})
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
-
-
-class _Journal:
-    """The orders this host took, in memory and in ``orders.json``; finished ones are kept for
-    ``retention_s`` so that a late repeat of the RC-TCB still finds them."""
-
-    def __init__(self, directory: Path, retention_s: float, clock: Callable[[], float]) -> None:
-        self.path = directory / JOURNAL
-        self._retention_s = retention_s
-        self._clock = clock
-        self._lock = asyncio.Lock()
-        try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            body = json.loads(self.path.read_text()) if self.path.exists() else {"orders": {}}
-            self.orders = {k: _Order.from_json(v) for k, v in body["orders"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(
-                f"cannot read the order journal {self.path}: {e}. Move it aside to start with an empty "
-                "journal; orders in flight are then forgotten (the RC-TCB finds the VMs with `where`)"
-            ) from e
-
-    async def put(self, order: _Order) -> _Order:
-        order = replace(order, updated_at=self._clock())
-        self.orders[order.id] = order
-        await self._save()
-        return order
-
-    def touch(self, order: _Order) -> _Order:
-        """Keep a change in memory only (live byte counts); the next write takes it along."""
-        self.orders[order.id] = order
-        return order
-
-    async def drop(self, order_id: str) -> None:
-        self.orders.pop(order_id, None)
-        await self._save()
-
-    async def _save(self) -> None:
-        async with self._lock:
-            horizon = self._clock() - self._retention_s
-            for key in [k for k, o in self.orders.items() if not o.stage.in_flight and o.updated_at < horizon]:
-                del self.orders[key]
-            text = json.dumps({"version": 1, "orders": {k: o.to_json() for k, o in self.orders.items()}}, indent=1)
-            try:
-                await asyncio.to_thread(_write_atomic, self.path, text)
-            except OSError as e:
-                raise HypervisorError(f"cannot write the order journal {self.path}: {e.strerror or e}") from e
-
 
 # -- the address a target hands out -----------------------------------------------------------
 
@@ -270,7 +122,7 @@ def _incoming_json(incoming: IncomingVM) -> dict[str, Any]:
     return {**dataclasses.asdict(incoming), "accel": incoming.accel.value}
 
 
-def _incoming_of(order: _Order) -> IncomingVM:
+def _incoming_of(order: JournalOrder) -> IncomingVM:
     assert order.incoming is not None
     body = order.incoming
     return IncomingVM(
@@ -359,7 +211,7 @@ class OrderExecutor:
         self._poll_s = poll_interval_s
         self._settle_wait_s = settle_wait_s
         self._abort_grace_s = abort_grace_s
-        self._journal = _Journal(state_dir, retention_s, clock)
+        self._journal = Journal(state_dir, retention_s, clock)
         self._locks: dict[str, asyncio.Lock] = {}
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._started = False
@@ -404,14 +256,14 @@ class OrderExecutor:
     def _lock(self, vm: str) -> asyncio.Lock:
         return self._locks.setdefault(vm, asyncio.Lock())
 
-    def _of(self, vm: str, side: Side | None = None, *stages: Stage) -> list[_Order]:
+    def _of(self, vm: str, side: Side | None = None, *stages: Stage) -> list[JournalOrder]:
         return [
             o
             for o in self._journal.orders.values()
             if o.vm == vm and (side is None or o.side is side) and (not stages or o.stage in stages)
         ]
 
-    def _known(self, order_id: str, side: Side, vm: str) -> _Order | None:
+    def _known(self, order_id: str, side: Side, vm: str) -> JournalOrder | None:
         order = self._journal.orders.get(order_id)
         if order is not None and (order.side is not side or order.vm != vm):
             raise HypervisorError(
@@ -444,7 +296,7 @@ class OrderExecutor:
             address = _address(incoming, order_id)
             changes: dict[str, Any] = {"address": address, "incoming": _incoming_json(incoming), "error": None}
             if order is None:
-                new = _Order(order_id, Side.TARGET, vm.name, Stage.PREPARED, **changes)
+                new = JournalOrder(order_id, Side.TARGET, vm.name, Stage.PREPARED, **changes)
             else:
                 new = order.to(Stage.PREPARED, **changes)
             try:
@@ -472,7 +324,7 @@ class OrderExecutor:
             spec = await self._call(self._driver.spec(vm_name), vm_name)
             destination = _destination(target_address, spec)
             order = await self._journal.put(
-                _Order(order_id, Side.SOURCE, vm_name, Stage.MIGRATING, address=target_address)
+                JournalOrder(order_id, Side.SOURCE, vm_name, Stage.MIGRATING, address=target_address)
             )
             try:
                 await self._driver.start_migration(vm_name, destination, self._params)
@@ -559,7 +411,7 @@ class OrderExecutor:
                 if (await self._abort_slot(slot)).stage is Stage.ARRIVED:
                     here = VMWhere.RUNNING
             if here is not VMWhere.RUNNING:
-                starting = _Order(order_id, Side.RESTART, vm.name, Stage.STARTING)
+                starting = JournalOrder(order_id, Side.RESTART, vm.name, Stage.STARTING)
                 starting = order.to(Stage.STARTING) if order else starting
                 await self._journal.put(starting)
                 try:
@@ -572,7 +424,7 @@ class OrderExecutor:
                     raise
                 order = starting
             if order is None:
-                order = _Order(order_id, Side.RESTART, vm.name, Stage.STARTED)
+                order = JournalOrder(order_id, Side.RESTART, vm.name, Stage.STARTED)
             await self._journal.put(order.to(Stage.STARTED))
 
     # -- settling ------------------------------------------------------------------------------
@@ -584,7 +436,7 @@ class OrderExecutor:
         except ConfigError as e:
             raise HypervisorError(str(e), vm=vm) from e
 
-    def _follow(self, order: _Order) -> None:
+    def _follow(self, order: JournalOrder) -> None:
         task = self._followers.get(order.id)
         if task is None or task.done():
             task = asyncio.get_running_loop().create_task(self._follower(order.id, order.vm))
@@ -620,7 +472,7 @@ class OrderExecutor:
                 except SmigError as e:  # what is left in flight is judged conservatively by the caller
                     log.warning("%s: order %s: %s", vm, order.id, e)
 
-    async def _settle(self, order: _Order) -> _Order:
+    async def _settle(self, order: JournalOrder) -> JournalOrder:
         """Move ``order`` on as far as the hypervisor shows it has gone. Raises SmigError."""
         if order.side is Side.SOURCE and order.stage in (Stage.MIGRATING, Stage.COMPLETING):
             return await self._settle_source(order)
@@ -628,7 +480,7 @@ class OrderExecutor:
             return await self._settle_target(order, self._settle_wait_s)
         return order
 
-    async def _settle_source(self, order: _Order) -> _Order:
+    async def _settle_source(self, order: JournalOrder) -> JournalOrder:
         name = order.vm
         if order.stage is Stage.MIGRATING:
             try:
@@ -683,7 +535,7 @@ class OrderExecutor:
     def _slot_alive(self, incoming: IncomingVM) -> bool:
         return process.is_ours(incoming.pid, f"/{incoming.instance}/")
 
-    async def _settle_target(self, order: _Order, wait_s: float) -> _Order:
+    async def _settle_target(self, order: JournalOrder, wait_s: float) -> JournalOrder:
         """A slot whose QEMU runs the guest has arrived; one whose QEMU exited has failed."""
         incoming = _incoming_of(order)
         if self._slot_alive(incoming):
@@ -699,7 +551,7 @@ class OrderExecutor:
                 return await self._journal.put(order.to(Stage.ARRIVED))
         return await self._drop_slot(order, incoming, "its QEMU exited: the migration into it failed or was cancelled")
 
-    async def _abort_slot(self, order: _Order) -> _Order:
+    async def _abort_slot(self, order: JournalOrder) -> JournalOrder:
         # A slot may be taking in the last bytes of a migration its source already calls complete:
         # killing it then would lose the VM. Give it a moment to start the guest.
         order = await self._settle_target(order, self._abort_grace_s)
@@ -707,7 +559,7 @@ class OrderExecutor:
             order = await self._drop_slot(order, _incoming_of(order), "aborted on the RC-TCB's order")
         return order
 
-    async def _drop_slot(self, order: _Order, incoming: IncomingVM, why: str) -> _Order:
+    async def _drop_slot(self, order: JournalOrder, incoming: IncomingVM, why: str) -> JournalOrder:
         with contextlib.suppress(FileNotFoundError):  # its directory may be gone already
             await self._driver.abort_incoming(incoming)
         log.info("%s: incoming slot of order %s dropped: %s", order.vm, order.id, why)
@@ -728,7 +580,7 @@ class OrderExecutor:
         return VMWhere.INCOMING if self._of(vm, Side.TARGET, Stage.PREPARED) else VMWhere.ABSENT
 
 
-def _view(order: _Order) -> MigrationView:
+def _view(order: JournalOrder) -> MigrationView:
     phase = {
         Stage.MIGRATING: MigrationPhase.ACTIVE,
         Stage.COMPLETING: MigrationPhase.COMPLETED,
@@ -739,72 +591,6 @@ def _view(order: _Order) -> MigrationView:
     return MigrationView(phase, order.transferred_bytes, order.remaining_bytes, order.error)
 
 
-# -- TLS credentials for migrations ---------------------------------------------------------------
-
-
 def restart_key(order_id: str) -> str:
     """The journal's key for the cold restart of order ``order_id``."""
     return f"{order_id}+restart"
-
-
-def migration_tls_dir(cert: Path, key: Path, ca: Path, out: Path, hostname: str) -> TLSConfig:
-    """Lay out this agent's region-CA identity the way QEMU's ``tls-creds-x509`` reads it.
-
-    ``out`` gets ``ca-cert.pem`` and the identity twice, as ``server-*`` (receiving) and
-    ``client-*`` (sending); keys 0600, the directory 0700. ``hostname`` is the name (or IP
-    address) the source checks in this host's certificate: it must be one of the certificate's
-    subject alternative names. An agent certificate from :func:`smig.rctcb.ca.issue_identity`
-    (P-256, TLS server and client) works as it is with QEMU 7.2 and GnuTLS.
-
-    Raises:
-        ConfigError: a file is missing or unreadable, the key is not the certificate's, the
-            certificate is not the CA's, is not for both TLS server and client, or does not name
-            ``hostname``.
-    """
-    try:
-        cert_pem, key_pem, ca_pem = cert.read_bytes(), key.read_bytes(), ca.read_bytes()
-        leaf, ca_cert = x509.load_pem_x509_certificate(cert_pem), x509.load_pem_x509_certificate(ca_pem)
-        private = serialization.load_pem_private_key(key_pem, password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"cannot read the migration TLS credentials ({cert}, {key}, {ca}): {e}") from e
-    if private.public_key() != leaf.public_key():
-        raise ConfigError(f"{key} is not the key of {cert}")
-    try:
-        leaf.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature) as e:
-        raise ConfigError(f"{cert} was not issued by the CA in {ca}: {e}") from e
-    try:
-        usages = set(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        usages = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
-    if not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages:
-        raise ConfigError(f"{cert} must be valid for TLS server and client auth (issue it for the agent role)")
-    if hostname not in _names_of(leaf):
-        raise ConfigError(
-            f"{cert} does not name {hostname!r} (it names {', '.join(sorted(_names_of(leaf))) or 'nothing'}); "
-            "the source of a migration would refuse it: issue it with that name or address"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(out, 0o700)
-        files = {"ca-cert.pem": (ca_pem, 0o644)}
-        for role in ("server", "client"):
-            files[f"{role}-cert.pem"] = (cert_pem, 0o644)
-            files[f"{role}-key.pem"] = (key_pem, 0o600)
-        for name, (data, mode) in files.items():
-            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(out / name, mode)
-    except OSError as e:
-        raise ConfigError(f"cannot write the migration TLS directory {out}: {e.strerror or e}") from e
-    return tls_config_for(out, hostname)
-
-
-def _names_of(cert: x509.Certificate) -> set[str]:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    ips = {str(a) for a in sans.get_values_for_type(x509.IPAddress) if isinstance(a, IPv4Address | IPv6Address)}
-    return set(sans.get_values_for_type(x509.DNSName)) | ips
