@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import write_section  # noqa: E402
+from docs_section import write_section
 
 SMIG = str(Path(sys.executable).parent / "smig")
 STEPS = (
@@ -50,7 +50,7 @@ def spread(values: list[float]) -> str:
     if not values:
         return "-"
     med = statistics.median(values)
-    return f"{med:,.0f} ({min(values):,.0f}–{max(values):,.0f})"
+    return f"{med:,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -84,7 +84,7 @@ def table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         f"{len(runs)} runs, each a fresh lab of {args.hosts} hosts with {args.vms_per_host} guest(s) each "
         f"({args.memory} MiB, dirtying {args.dirty_mbps} MiB/s), `{args.attack}` on one host, "
         f"policy `{args.policy}`, monitors every 1 s on average (k = 2). Modes seen: {', '.join(modes)}. "
-        "Times are ms after the tamper: median (min–max), over every VM of every run, read from the "
+        "Times are ms after the tamper: median (min-max), over every VM of every run, read from the "
         "RC-TCB's audit log; downtime is the longest pause in the guest's own heartbeat, less one period.",
         "",
         "| step | ms after the tamper |",

@@ -6,14 +6,13 @@ path is explicit, and the agent listens on exactly ``[agent] listen`` and nothin
 
 from __future__ import annotations
 
-import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from smig.errors import ConfigError
+from smig.tomlconfig import listen_address, load_sections, number
 
 EXAMPLE = """\
 # smig agent run --config THIS_FILE
@@ -117,28 +116,6 @@ class AgentConfig:
         return self.subject_netns.format(host=host)
 
 
-def _listen(value: object) -> tuple[str, int]:
-    if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"agent.listen must be 'ADDRESS:PORT', not {value!r}")
-    host, _, port = value.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(f"agent.listen has no valid port in {value!r}") from None
-    if not host or not 0 <= number <= 65535:
-        raise ConfigError(f"agent.listen needs one address and a port in 0-65535, not {value!r}")
-    return host.strip("[]"), number
-
-
-def _num(section: Mapping[str, Any], key: str, default: float, *, positive: bool = True) -> float:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a number, not {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{key} must be positive, not {value!r}")
-    return float(value)
-
-
 def _required(section: Mapping[str, Any], key: str, where: str) -> str:
     value = section.get(key)
     if not isinstance(value, str) or not value:
@@ -148,19 +125,7 @@ def _required(section: Mapping[str, Any], key: str, where: str) -> str:
 
 def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig:
     """Raises ConfigError naming the key that is wrong, missing or unknown."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source} is not valid TOML: {e}") from e
-    for name, section in data.items():
-        if name not in _SECTIONS or not isinstance(section, dict):
-            raise ConfigError(f"unknown section [{name}] in {source}; the sections are {', '.join(sorted(_SECTIONS))}")
-        unknown = set(section) - _SECTIONS[name]
-        if unknown:
-            allowed = ", ".join(sorted(_SECTIONS[name]))
-            raise ConfigError(
-                f"unknown key(s) {', '.join(sorted(unknown))} in [{name}] of {source}; allowed: {allowed}"
-            )
+    data = load_sections(text, _SECTIONS, source)
     agent: dict[str, Any] = data.get("agent", {})
     monitor: dict[str, Any] = data.get("monitor", {})
     migration: dict[str, Any] = data.get("migration", {})
@@ -171,7 +136,7 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
     rctcb = _required(agent, "rctcb", "agent")
     if not rctcb.startswith("https://"):
         raise ConfigError(f"agent.rctcb must be an https:// URL (the RC-TCB speaks only mutual TLS), not {rctcb!r}")
-    listen_host, listen_port = _listen(_required(agent, "listen", "agent"))
+    listen_host, listen_port = listen_address(_required(agent, "listen", "agent"), "agent.listen")
     subject_netns = str(monitor.get("subject_netns", "/run/netns/{host}"))
     if "{host}" not in subject_netns:
         raise ConfigError(f"monitor.subject_netns must contain {{host}}, not {subject_netns!r}")
@@ -187,20 +152,20 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
         cert=Path(_required(agent, "cert", "agent")),
         key=Path(_required(agent, "key", "agent")),
         signing_key=Path(_required(agent, "signing_key", "agent")),
-        capacity_vcpus=int(_num(agent, "capacity_vcpus", 2)),
-        capacity_memory_mib=int(_num(agent, "capacity_memory_mib", 4096)),
+        capacity_vcpus=int(number(agent, "capacity_vcpus", 2, positive=True)),
+        capacity_memory_mib=int(number(agent, "capacity_memory_mib", 4096, positive=True)),
         address=str(agent.get("address", "")),
-        inventory_interval_s=_num(agent, "inventory_interval_s", 2.0),
+        inventory_interval_s=number(agent, "inventory_interval_s", 2.0, positive=True),
         reference=Path(_required(monitor, "reference", "monitor")),
         reference_key=Path(_required(monitor, "reference_key", "monitor")),
         monitoring=bool(monitor.get("enabled", True)),
-        mean_interval_s=_num(monitor, "mean_interval_s", 1.0),
-        jitter=_num(monitor, "jitter", 0.5, positive=False),
-        max_cpu_share=_num(monitor, "max_cpu_share", 0.25),
+        mean_interval_s=number(monitor, "mean_interval_s", 1.0, positive=True),
+        jitter=number(monitor, "jitter", 0.5),
+        max_cpu_share=number(monitor, "max_cpu_share", 0.25, positive=True),
         subject_netns=subject_netns,
         migration_tls=bool(migration.get("tls", True)),
-        bandwidth_mibps=_num(migration, "bandwidth_mibps", 0.0, positive=False),
-        downtime_ms=int(_num(migration, "downtime_ms", 300)),
+        bandwidth_mibps=number(migration, "bandwidth_mibps", 0.0),
+        downtime_ms=int(number(migration, "downtime_ms", 300, positive=True)),
         lie_about=tuple(lies),
         ignore_orders=bool(lab.get("ignore_orders", False)),
     )

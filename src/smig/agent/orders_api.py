@@ -33,7 +33,6 @@ Then 422 ``bad-request`` for a body or path off the schema, and the executor's e
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,7 +52,7 @@ from smig.errors import CertificateRejected, SmigError
 from smig.model import PlacedVM, Resources
 from smig.rctcb.agent_http import wire_error
 from smig.rctcb.ca import Role, identity_of, server_ssl_context
-from smig.rctcb.server import PeerCertProtocol, _bind
+from smig.rctcb.server import NotifyingServer, PeerCertProtocol, _bind
 
 __all__ = ["create_orders_app", "serve_orders"]
 
@@ -220,18 +219,9 @@ def create_orders_app(executor: OrderExecutor, *, ca_cert: x509.Certificate) -> 
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server inside a process that owns its signals: it tells when it listens and leaves
-    SIGTERM/SIGINT to the process (the orders server stops when its task is cancelled)."""
-
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._on_started()
+class _Server(NotifyingServer):
+    """uvicorn's server inside a process that owns its signals: it leaves SIGTERM/SIGINT to the
+    process (the orders server stops when its task is cancelled)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

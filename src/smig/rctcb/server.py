@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import socket
 import ssl
 import time
-import tomllib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -43,6 +41,7 @@ from smig.rctcb.orders import OrchestratorConfig
 from smig.rctcb.placement import PlacementConfig
 from smig.rctcb.policy import PolicyConfig
 from smig.rctcb.region import Region, RegionConfig
+from smig.tomlconfig import listen_address, load_sections, number
 
 log = logging.getLogger(__name__)
 
@@ -126,61 +125,26 @@ def example_config(home: Path | None = None) -> str:
     return EXAMPLE.format(home=home or smig_home())
 
 
-def _listen(value: object) -> tuple[str, int]:
-    if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"rctcb.listen must be 'ADDRESS:PORT' (e.g. '127.0.0.1:8443'), not {value!r}")
-    host, _, port = value.rpartition(":")
-    host = host.strip("[]")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(f"rctcb.listen has no valid port in {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise ConfigError(f"rctcb.listen port {number} is outside 0-65535")
-    if not host:
-        raise ConfigError("rctcb.listen needs an address: name the one interface to listen on, e.g. 127.0.0.1")
-    return host, number
-
-
-def _number(section: Mapping[str, object], key: str, default: float) -> float:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a number, not {value!r}")
-    return float(value)
-
-
 def parse_config(text: str, *, source: str = "the configuration") -> ServiceConfig:
     """Raises ConfigError naming the key that is wrong, missing or unknown."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source} is not valid TOML: {e}") from e
-    for name, section in data.items():
-        if name not in _SECTIONS or not isinstance(section, dict):
-            raise ConfigError(f"unknown section [{name}] in {source}; the sections are {', '.join(sorted(_SECTIONS))}")
-        unknown = set(section) - _SECTIONS[name]
-        if unknown:
-            allowed = ", ".join(sorted(_SECTIONS[name]))
-            raise ConfigError(
-                f"unknown key(s) {', '.join(sorted(unknown))} in [{name}] of {source}; allowed: {allowed}"
-            )
+    data = load_sections(text, _SECTIONS, source)
     service: dict[str, Any] = data.get("rctcb", {})
     policy: dict[str, Any] = data.get("policy", {})
     reports: dict[str, Any] = data.get("reports", {})
     home = smig_home()
-    host, port = _listen(service.get("listen", "127.0.0.1:8443"))
+    host, port = listen_address(service.get("listen", "127.0.0.1:8443"), "rctcb.listen")
     region = RegionConfig(
         policy=PolicyConfig(
             kind=policy.get("kind", "quorum"),
-            freshness_s=_number(policy, "freshness_s", 10.0),
-            unknown_grace_s=_number(policy, "unknown_grace_s", 30.0),
-            strike_limit=int(_number(policy, "strike_limit", 3)),
+            freshness_s=number(policy, "freshness_s", 10.0),
+            unknown_grace_s=number(policy, "unknown_grace_s", 30.0),
+            strike_limit=int(number(policy, "strike_limit", 3)),
         ),
-        max_age_s=_number(reports, "max_age_s", 30.0),
-        max_skew_s=_number(reports, "max_skew_s", 5.0),
-        monitors_per_host=int(_number(reports, "monitors_per_host", 2)),
+        max_age_s=number(reports, "max_age_s", 30.0),
+        max_skew_s=number(reports, "max_skew_s", 5.0),
+        monitors_per_host=int(number(reports, "monitors_per_host", 2)),
     )
-    tick = _number(service, "tick_interval_s", 1.0)
+    tick = number(service, "tick_interval_s", 1.0)
     if tick <= 0:
         raise ConfigError(f"rctcb.tick_interval_s must be positive, not {tick}")
     agents: dict[str, Any] = data.get("agents", {})
@@ -193,11 +157,11 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
     if fencing == "command" and not command:
         raise ConfigError("agents.fencing = 'command' needs agents.fence_command")
     orchestrator = OrchestratorConfig(
-        completion_timeout_per_gib_s=_number(agents, "completion_timeout_per_gib_s", 60.0),
-        completion_timeout_floor_s=_number(agents, "completion_timeout_floor_s", 30.0),
-        max_attempts=int(_number(agents, "max_attempts", 3)),
-        fence_timeout_s=_number(agents, "fence_timeout_s", 60.0),
-        call_timeout_s=_number(agents, "call_timeout_s", 30.0),
+        completion_timeout_per_gib_s=number(agents, "completion_timeout_per_gib_s", 60.0),
+        completion_timeout_floor_s=number(agents, "completion_timeout_floor_s", 30.0),
+        max_attempts=int(number(agents, "max_attempts", 3)),
+        fence_timeout_s=number(agents, "fence_timeout_s", 60.0),
+        call_timeout_s=number(agents, "call_timeout_s", 30.0),
     )
     return ServiceConfig(
         host=host,
@@ -208,7 +172,7 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
         key=Path(service.get("key", home / "rctcb" / "ca" / "issued" / "rctcb" / "key.pem")),
         region=region,
         tick_interval_s=tick,
-        max_body_bytes=int(_number(service, "max_body_bytes", 4 << 20)),
+        max_body_bytes=int(number(service, "max_body_bytes", 4 << 20)),
         manifest=str(service.get("manifest", "")),
         agents=bool(agents.get("enabled", True)),
         fencing=fencing,
@@ -294,7 +258,7 @@ def _agents(config: ServiceConfig, region: Region) -> AgentDirectory:
     return HttpAgentDirectory(address_of, context, fencer, timeout_s=config.orchestrator.call_timeout_s)
 
 
-class _Server(uvicorn.Server):
+class NotifyingServer(uvicorn.Server):
     """uvicorn's server, telling when it has started listening."""
 
     def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
@@ -305,6 +269,10 @@ class _Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             self._on_started()
+
+
+class _Server(NotifyingServer):
+    """The service's server: SIGTERM and SIGINT stop it cleanly."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # SIGTERM and SIGINT are how an operator stops the service: shut down cleanly and exit 0,
