@@ -13,6 +13,7 @@ lab's bridge. Slow by nature (each lab boots real guests): kept to two labs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -215,3 +216,42 @@ def test_lying_monitor_refusing_source_and_crashes_mid_evacuation(lab: LabState)
 def _only(where: dict[str, int]) -> str:
     assert list(where.values()) == [1], where
     return next(iter(where))
+
+
+@pytest.fixture
+def wide_lab(cli_env: dict[str, str]) -> Iterator[LabState]:
+    os.environ["SMIG_HOME"] = cli_env["SMIG_HOME"]
+    name = "e2ek"
+    try:
+        yield region.up(name, 6, 1, memory_mib=128, dirty_mbps=5, policy="quorum", vm_hosts=["h1", "h2", "h3", "h4"])
+    finally:
+        region.down(name)
+        os.environ.pop("SMIG_HOME", None)
+
+
+def _is_untrusted(state: LabState, host: str) -> bool:
+    return bool(rows(state)[host]["state"] == "untrusted")
+
+
+def test_every_attack_kind_turns_its_host_untrusted_and_its_vm_moves_live(wide_lab: LabState) -> None:
+    from smig.lab.demo import current_beat
+
+    state = wide_lab
+    kinds = {"h1": "patch-lib", "h2": "anon-exec", "h3": "swap-binary", "h4": "preload"}
+    before = {vm: current_beat(state, vm) for vm in state.vms}
+    assert all(b is not None for b in before.values())
+    for host, kind in kinds.items():
+        attack_host(state, host, kind)
+        until(f"{host} ({kind}) to turn untrusted", functools.partial(_is_untrusted, state, host), 60)
+        vm = f"{host}-vm1"
+        order = until(f"{vm} to land", functools.partial(landed, state, vm), 120)
+        assert order["state"] == "done", (kind, order)
+    states = {h: r["state"] for h, r in rows(state).items()}
+    assert states == {"h1": "untrusted", "h2": "untrusted", "h3": "untrusted", "h4": "untrusted",
+                      "h5": "trusted", "h6": "trusted"}, states  # fmt: skip
+    where = placed(state)
+    for vm, first in before.items():
+        assert where[vm] in ("h5", "h6"), (vm, where)
+        assert _vm_processes(state.lab, vm) == {where[vm]: 1}, vm
+        now = until(f"{vm}'s heartbeat", functools.partial(current_beat, state, vm), 10)
+        assert first is not None and now.boot_id == first.boot_id and now.counter > first.counter, (vm, first, now)

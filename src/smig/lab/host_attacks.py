@@ -24,6 +24,7 @@ kind                    what changes on the host
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -55,18 +56,39 @@ def _victim(state: LabState, host: str) -> int:
     return pids[0]
 
 
+def _module_dir() -> str | None:
+    """Where the installed QEMU keeps its loadable modules (the TCG accelerator is one)."""
+    for candidate in [*sorted(glob.glob("/usr/lib/*/qemu")), "/usr/lib/qemu"]:
+        if glob.glob(f"{candidate}/accel-*.so"):
+            return candidate
+    return None
+
+
 def _start_hypervisor(state: LabState, host: str, binary: str, env: dict[str, str]) -> int:
-    """A hypervisor process inside ``host`` (a stopped QEMU, as a VM's would be before it runs)."""
-    argv = [binary, *BARE_ARGS] + (list(FIRMWARE_DIRS) if binary != DEFAULT_BINARY else [])
-    proc = subprocess.Popen(
-        net.netns_argv(state.network.hosts[host].netns, argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **env},
-        start_new_session=True,
-    )
-    return proc.pid
+    """A hypervisor process inside ``host`` (a stopped QEMU, as a VM's would be before it runs).
+    Raises AttackError if it does not stay up."""
+    argv = [binary, *BARE_ARGS]
+    if binary != DEFAULT_BINARY:
+        # A copy looks for its firmware and its modules beside itself: point it at the installed ones.
+        argv += list(FIRMWARE_DIRS)
+        modules = _module_dir()
+        if modules is not None:
+            env = {**env, "QEMU_MODULE_DIR": modules}
+    log_path = state.host_home(host) / "attack" / "hypervisor.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            net.netns_argv(state.network.hosts[host].netns, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+    try:
+        proc.wait(1.0)
+    except subprocess.TimeoutExpired:
+        return proc.pid
+    raise AttackError(f"the attack's hypervisor process exited at once ({proc.returncode}); see {log_path}")
 
 
 def attack_host(state: LabState, host: str, kind: str, *, transient_ms: int | None = None) -> attacks.AttackRecord:
