@@ -97,9 +97,12 @@ def table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     lines += [
         "",
         "What the time goes to: detection waits for the next randomised measurement (mean interval 1 s, "
-        "so about half a second on average, plus a second monitor's confirmation under `quorum`); the "
-        "decision is one SQLite transaction; the migration is a real TLS live migration of a TCG guest "
-        "capped at 128 MiB/s (see the migration sections above for why).",
+        "so about half a second on average, plus a second monitor's confirmation under `quorum`, which the "
+        "RC-TCB asks for at once); the decision is one SQLite transaction; from the decision to the "
+        "migration's start the target starts a QEMU waiting for the VM (with its TLS credentials) and the "
+        "orchestrator takes two rounds; the migration is a real TLS live migration of a TCG guest capped at "
+        "128 MiB/s (see the migration sections above for why). Every guest shares the 2 cores with the "
+        "others, the agents and the RC-TCB.",
         "",
     ]
     return "\n".join(lines)

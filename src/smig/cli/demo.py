@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -57,6 +57,8 @@ def _fmt(t: float | None, zero: float) -> str:
 
 
 def _print_timeline(result: Any) -> None:
+    # Piped to a file or a pager the console would assume 80 columns and squeeze the timeline.
+    console = out if out.is_terminal else Console(width=140)
     table = Table(
         title=f"{result.attacked_host} tampered ({result.attack}, policy {result.policy}): ms after the tamper",
         caption="mismatch: first verified mismatch · moving/running: migration start/end · down: guest-visible pause",
@@ -79,13 +81,13 @@ def _print_timeline(result: Any) -> None:
             f"{v['heartbeat_before']}→{v['heartbeat_after']}",
             "same" if same else "NEW" if v["boot_id_after"] else "-",
         )
-    out.print(table)
+    console.print(table)
     states = ", ".join(f"{h['id']} {h['state']}" for h in result.hosts)
-    out.print(f"hosts at the end: {states}")
+    console.print(f"hosts at the end: {states}")
     if result.response_time_ms is not None:
-        out.print(f"response time, tamper → last VM running on a trusted host: {result.response_time_ms:.0f} ms")
+        console.print(f"response time, tamper → last VM running on a trusted host: {result.response_time_ms:.0f} ms")
     else:
-        out.print("[red]not every VM reached a trusted host[/red]")
+        console.print("[red]not every VM reached a trusted host[/red]")
 
 
 def demo(
