@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -37,21 +38,19 @@ if not Path(SMIG).exists():
     SMIG = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "smig")
 
 
-def _vm_processes(state_or_lab: str, vm: str) -> dict[str, int]:
-    """Which of the lab's hosts run a QEMU process of ``vm`` (host → count), read from /proc."""
+def _vm_processes(lab: str, vm: str) -> dict[str, int]:
+    """Which of the lab's hosts run a QEMU process of ``vm`` (host → count), read from /proc: a
+    VM's QEMU runs from ``.../lab/LAB/hosts/HOST/vms/VM/``, in either kind of lab network."""
     found: dict[str, int] = {}
-    for ns in Path("/run/netns").iterdir():
-        prefix = f"{net.PREFIX}{state_or_lab}-"
-        if not ns.name.startswith(prefix) or ns.name.endswith(("-sw", "-rctcb")):
+    pattern = re.compile(rf"/lab/{lab}/hosts/([a-z0-9-]+)/vms/{re.escape(vm)}/".encode())
+    for pid in procfs.hypervisor_pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
             continue
-        for pid in procfs.hypervisor_pids(str(ns)):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(f"/vms/{vm}/".encode() in arg for arg in cmdline):
-                host = ns.name[len(prefix) :]
-                found[host] = found.get(host, 0) + 1
+        hosts = set(pattern.findall(cmdline))
+        for host in hosts:
+            found[host.decode()] = found.get(host.decode(), 0) + 1
     return found
 
 
@@ -67,11 +66,15 @@ def _down(env: dict[str, str], lab: str) -> None:
     assert lab not in net.list_labs()
 
 
-def test_the_demo_moves_a_tampered_hosts_vm_live_to_a_trusted_host(cli_env: dict[str, str], tmp_path: Path) -> None:
-    lab = "e2ed"
+@pytest.mark.parametrize("network", ["netns", "loopback"])
+def test_the_demo_moves_a_tampered_hosts_vm_live_to_a_trusted_host(
+    cli_env: dict[str, str], tmp_path: Path, network: str
+) -> None:
+    lab = f"e2ed{network[0]}"
     out = tmp_path / "demo.json"
     argv = [SMIG, "demo", "--hosts", "3", "--vms-per-host", "1", "--memory", "128", "--dirty-mbps", "5"]
     argv += ["--attack", "patch", "--policy", "quorum", "--json", str(out), "--name", lab, "--keep"]
+    argv += ["--network", network, "--report", str(tmp_path / "report")]
     try:
         done = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"demo failed:\n{done.stdout}\n{done.stderr[-4000:]}"
@@ -95,7 +98,8 @@ def test_the_demo_moves_a_tampered_hosts_vm_live_to_a_trusted_host(cli_env: dict
         assert {v["name"]: v["host"] for v in status["vms"]}[vm["name"]] == vm["target"]
         assert _vm_processes(lab, vm["name"]) == {vm["target"]: 1}
         others = [h for h in status["hosts"] if h["id"] == attacked]
-        assert others[0]["vms"] == []
+        assert others[0]["vms"] == [] and status["network"] == network
+        assert "response.png" in (tmp_path / "report" / "index.html").read_text()
     finally:
         _down(cli_env, lab)
     assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(f"{net.PREFIX}{lab}-")]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smig.aim import procfs
 from smig.errors import ConfigError
 from smig.tomlconfig import listen_address, load_sections, number
 
@@ -40,6 +41,7 @@ max_cpu_share = 0.25
 # network namespace and its processes are those in it; this stands for a real neighbour's
 # out-of-band access (BMC, DMA, a TPM-anchored measurement agent).
 subject_netns = "/run/netns/smig-lab-{host}"
+# subject_home = "/var/lib/smig/lab/hosts/{host}"   # instead, where hosts share one network
 
 [migration]
 tls = true                             # migrate over mutual TLS with this agent's certificate
@@ -67,7 +69,16 @@ _SECTIONS: dict[str, frozenset[str]] = {
         }
     ),
     "monitor": frozenset(
-        {"reference", "reference_key", "mean_interval_s", "jitter", "max_cpu_share", "subject_netns", "enabled"}
+        {
+            "reference",
+            "reference_key",
+            "mean_interval_s",
+            "jitter",
+            "max_cpu_share",
+            "subject_netns",
+            "subject_home",
+            "enabled",
+        }
     ),
     "migration": frozenset({"tls", "bandwidth_mibps", "downtime_ms"}),
     "lab": frozenset({"lie_about", "ignore_orders"}),
@@ -100,6 +111,7 @@ class AgentConfig:
     jitter: float = 0.5
     max_cpu_share: float = 0.25
     subject_netns: str = "/run/netns/{host}"
+    subject_home: str = ""  # hosts sharing one network (the loopback lab): a subject's driver home
     migration_tls: bool = True
     bandwidth_mibps: float = 0.0
     downtime_ms: int = 300
@@ -114,6 +126,13 @@ class AgentConfig:
 
     def netns_of(self, host: str) -> str:
         return self.subject_netns.format(host=host)
+
+    def hypervisors_of(self, host: str) -> list[int]:
+        """The subject's hypervisor processes, as this monitor finds them itself: those in its
+        network namespace, or (``subject_home``) those run from its directory."""
+        if self.subject_home:
+            return procfs.hypervisor_pids(cmdline_contains=self.subject_home.format(host=host).rstrip("/") + "/")
+        return procfs.hypervisor_pids(self.netns_of(host))
 
 
 def _required(section: Mapping[str, Any], key: str, where: str) -> str:
@@ -140,6 +159,9 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
     subject_netns = str(monitor.get("subject_netns", "/run/netns/{host}"))
     if "{host}" not in subject_netns:
         raise ConfigError(f"monitor.subject_netns must contain {{host}}, not {subject_netns!r}")
+    subject_home = str(monitor.get("subject_home", ""))
+    if subject_home and "{host}" not in subject_home:
+        raise ConfigError(f"monitor.subject_home must contain {{host}}, not {subject_home!r}")
     return AgentConfig(
         host=_required(agent, "host", "agent"),
         region=str(agent.get("region", "")),
@@ -163,6 +185,7 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
         jitter=number(monitor, "jitter", 0.5),
         max_cpu_share=number(monitor, "max_cpu_share", 0.25, positive=True),
         subject_netns=subject_netns,
+        subject_home=subject_home,
         migration_tls=bool(migration.get("tls", True)),
         bandwidth_mibps=number(migration, "bandwidth_mibps", 0.0),
         downtime_ms=int(number(migration, "downtime_ms", 300, positive=True)),

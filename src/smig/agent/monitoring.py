@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smig.agent.rctcb_client import RctcbClient, RctcbRefused, RctcbUnavailable
-from smig.aim import procfs
 from smig.aim.monitor import Monitor, Observation, Subject
 from smig.model import Verdict
 
@@ -58,14 +57,14 @@ class MonitorRunner:
         client: RctcbClient,
         *,
         manifest_digest: str,
-        netns_of: Callable[[str], str],
+        pids_of: Callable[[str], list[int]],
         refresh_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.monitor = monitor
         self.client = client
         self.manifest_digest = manifest_digest
-        self.netns_of = netns_of
+        self.pids_of = pids_of
         self.refresh_s = refresh_s
         self.clock = clock
         self.stats = MonitorStats()
@@ -80,11 +79,9 @@ class MonitorRunner:
         return sorted(self._loops)
 
     def subject(self, host: str) -> Subject:
-        netns = self.netns_of(host)
-
         def find() -> list[int]:
             try:
-                return procfs.hypervisor_pids(netns)
+                return self.pids_of(host)
             except OSError:  # the subject's namespace is gone: nothing of it runs
                 return []
 

@@ -160,7 +160,7 @@ class Agent:
             monitor,
             self.client,
             manifest_digest=reference.manifest_digest(manifest),
-            netns_of=self.config.netns_of,
+            pids_of=self.config.hypervisors_of,
         )
 
     async def _run_monitors(self, monitors: MonitorRunner) -> None:

@@ -282,9 +282,17 @@ def netns_inode(path: str | Path) -> int:
     return os.stat(path).st_ino
 
 
-def hypervisor_pids(netns: str | Path | None = None, prefixes: tuple[str, ...] = HYPERVISOR_PREFIXES) -> list[int]:
-    """PIDs of the hypervisor processes, optionally only those in network namespace ``netns``."""
+def hypervisor_pids(
+    netns: str | Path | None = None,
+    prefixes: tuple[str, ...] = HYPERVISOR_PREFIXES,
+    *,
+    cmdline_contains: str | None = None,
+) -> list[int]:
+    """PIDs of the hypervisor processes, optionally only those in network namespace ``netns`` and
+    those with ``cmdline_contains`` in an argument (a host's directory, where hosts share one
+    network namespace)."""
     want = netns_inode(netns) if netns is not None else None
+    needle = cmdline_contains.encode() if cmdline_contains is not None else None
     out = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -292,12 +300,15 @@ def hypervisor_pids(netns: str | Path | None = None, prefixes: tuple[str, ...] =
         pid = int(entry.name)
         if not process_name(pid).startswith(prefixes):
             continue
-        if want is not None:
-            try:
-                if netns_inode(f"/proc/{pid}/ns/net") != want:
-                    continue
-            except OSError:
+        try:
+            if want is not None and netns_inode(f"/proc/{pid}/ns/net") != want:
                 continue
+            if needle is not None and not any(
+                needle in arg for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ):
+                continue
+        except OSError:
+            continue
         out.append(pid)
     return sorted(out)
 

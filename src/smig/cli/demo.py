@@ -105,6 +105,9 @@ def demo(
     ),
     keep: bool = typer.Option(False, "--keep", help="Leave the lab up afterwards (`smig lab down` removes it)."),
     name: str = typer.Option("demo", "--name", help="The lab's name."),
+    network: str = typer.Option(
+        "auto", "--network", help="netns (a namespace per host), loopback (one address each here), or auto."
+    ),
 ) -> None:
     """Bring up a region (hosts as network namespaces, an agent each, real guests), wait until every
     host is TRUSTED, tamper with one host's hypervisor, and show the RC-TCB finding it and moving
@@ -134,6 +137,7 @@ def demo(
                 interval_s=interval,
                 timeout_s=timeout,
                 keep=keep,
+                network=network,
                 progress=progress,
                 watch=watch,
             )

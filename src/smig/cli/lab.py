@@ -41,6 +41,9 @@ def up(
         "--link",
         help="Model each host's link: a rate such as 1gbit (tc tbf; this kernel has no netem, so no delay).",
     ),
+    network: str = typer.Option(
+        "auto", "--network", help="netns (a namespace per host), loopback (one address each here), or auto."
+    ),
     name: str = NAME,
     as_json: bool = JSON,
 ) -> None:
@@ -64,6 +67,7 @@ def up(
             policy=policy,
             interval_s=interval,
             link=link,
+            network=network,
             progress=progress,
         )
     except SmigError as e:
@@ -108,6 +112,7 @@ def _status(state: Any) -> dict[str, Any]:
         "rctcb": {"address": network.rctcb.address, "reachable": reachable},
         "policy": state.policy,
         "link": state.link,
+        "network": state.mode,
         "hosts": hosts,
         "vms": [{"name": v["name"], "host": v["host"]} for v in vms],
         "attacks": state.attacks,

@@ -252,6 +252,7 @@ def run_demo(
     keep: bool,
     progress: Callable[[str], None],
     watch: Watch,
+    network: str = "auto",
 ) -> DemoResult:
     """Bring the lab up, tamper with its first host, follow the evacuation; take the lab down
     again unless ``keep``. Raises what :func:`smig.lab.region.up` raises."""
@@ -264,6 +265,7 @@ def run_demo(
         dirty_mbps=dirty_mbps,
         policy=policy,
         interval_s=interval_s,
+        network=network,
         progress=progress,
     )
     up_s = time.monotonic() - started

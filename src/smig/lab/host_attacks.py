@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smig.aim import procfs
 from smig.errors import AttackError
 from smig.lab import attacks, net
 from smig.lab.bare import BARE_ARGS, DEFAULT_BINARY, FIRMWARE_DIRS
@@ -47,10 +46,11 @@ LIBRARY = "libglib"
 
 
 def _victim(state: LabState, host: str) -> int:
-    node = state.network.hosts.get(host)
-    if node is None:
+    from smig.lab import region
+
+    if host not in state.hosts:
         raise AttackError(f"no host {host!r} in lab {state.lab!r} (hosts: {', '.join(state.hosts)})")
-    pids = procfs.hypervisor_pids(node.netns_path)
+    pids = region.hypervisor_pids(state, host)
     if not pids:
         raise AttackError(f"{host} runs no hypervisor process to patch; use swap-binary or preload, or give it a VM")
     return pids[0]
@@ -67,17 +67,21 @@ def _module_dir() -> str | None:
 def _start_hypervisor(state: LabState, host: str, binary: str, env: dict[str, str]) -> int:
     """A hypervisor process inside ``host`` (a stopped QEMU, as a VM's would be before it runs).
     Raises AttackError if it does not stay up."""
-    argv = [binary, *BARE_ARGS]
+    workdir = state.host_home(host) / "attack"
+    # The pidfile puts the host's directory on the command line: how the process is the host's
+    # where hosts share one network namespace (the loopback lab).
+    argv = [binary, *BARE_ARGS, "-pidfile", str(workdir / f"hypervisor-{time.monotonic_ns()}.pid")]
     if binary != DEFAULT_BINARY:
         # A copy looks for its firmware and its modules beside itself: point it at the installed ones.
         argv += list(FIRMWARE_DIRS)
         modules = _module_dir()
         if modules is not None:
             env = {**env, "QEMU_MODULE_DIR": modules}
-    log_path = state.host_home(host) / "attack" / "hypervisor.log"
+    log_path = workdir / "hypervisor.log"
+    netns = state.netns_of(state.network.hosts[host])
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            net.netns_argv(state.network.hosts[host].netns, argv),
+            net.netns_argv(netns, argv) if netns else argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_file,

@@ -22,6 +22,8 @@ inside the RC-TCB's namespace (:mod:`smig.lab.inside`): the lab's addresses exis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from smig.aim import reference
+from smig.aim import procfs, reference
 from smig.aim.keys import generate_key, public_key_pem, save_private_key
 from smig.errors import ConfigError, SmigError
 from smig.lab import net
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 RCTCB_PORT = 8443
 AGENT_PORT = 7443
 STATE = "lab.json"
+# Where network namespaces cannot be made: every part on this machine's loopback, one address each.
+LOOPBACK_SUBNET = "127.77.0.0/24"
+NETWORK_ENV = "SMIG_LAB_NETWORK"  # auto (default), netns or loopback
 
 
 class LabStateError(SmigError):
@@ -73,6 +78,14 @@ class LabState:
     attacks: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = 0.0
     manifest: str = ""
+    mode: str = "netns"  # or "loopback": no namespaces, hosts told apart by address and directory
+
+    @property
+    def loopback(self) -> bool:
+        return self.mode == "loopback"
+
+    def netns_of(self, node: net.Node) -> str | None:
+        return None if self.loopback else node.netns
 
     @property
     def path(self) -> Path:
@@ -115,11 +128,11 @@ def _smig(*args: str) -> list[str]:
     return [sys.executable, "-m", "smig", *args]
 
 
-def _spawn(netns: str, argv: list[str], log_file: Path, env: dict[str, str]) -> int:
-    """Start a long-running process in ``netns``, detached from this one (its own session)."""
+def _spawn(netns: str | None, argv: list[str], log_file: Path, env: dict[str, str]) -> int:
+    """Start a long-running process in ``netns`` (None: here), detached from this one (its own session)."""
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(
-            net.netns_argv(netns, argv),
+            net.netns_argv(netns, argv) if netns else argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -167,11 +180,22 @@ kind = "{state.policy}"
 freshness_s = {max(10.0, 6 * state.interval_s)}
 
 [agents]
-fencing = "netns"
-fence_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"
+{_fencing(state)}
 call_timeout_s = 30.0
 completion_timeout_floor_s = 60.0
 """
+
+
+def _fencing(state: LabState) -> str:
+    if state.loopback:
+        return f'fencing = "home"\nfence_home = "{state.path}/hosts/{{host}}"'
+    return f'fencing = "netns"\nfence_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"'
+
+
+def _subjects(state: LabState) -> str:
+    if state.loopback:
+        return f'subject_home = "{state.path}/hosts/{{host}}"'
+    return f'subject_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"'
 
 
 def _agent_config(state: LabState, host: str, *, lie_about: Sequence[str] = (), ignore_orders: bool = False) -> str:
@@ -196,7 +220,7 @@ capacity_memory_mib = 4096
 reference = "{state.path / "reference" / "manifest.json"}"
 reference_key = "{state.path / "reference" / "key.pub"}"
 mean_interval_s = {state.interval_s}
-subject_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"
+{_subjects(state)}
 
 [migration]
 tls = true
@@ -224,7 +248,16 @@ def operator_client(state: LabState, *, timeout_s: float = 10.0) -> httpx.AsyncC
 
 def inside(state: LabState, main: Callable[[], Any]) -> Any:
     """Run ``main()`` (a coroutine function) where the lab's addresses are reachable."""
+    if state.loopback:
+        return asyncio.run(main())
     return run_inside(state.network.rctcb.netns_path, main)
+
+
+def hypervisor_pids(state: LabState, host: str) -> list[int]:
+    """``host``'s hypervisor processes: those in its namespace, or run from its directory."""
+    if state.loopback:
+        return procfs.hypervisor_pids(cmdline_contains=f"{state.host_home(host)}/")
+    return procfs.hypervisor_pids(state.network.hosts[host].netns_path)
 
 
 async def _wait_rctcb(state: LabState, timeout_s: float) -> None:
@@ -334,6 +367,7 @@ def up(
     interval_s: float = 1.0,
     link: str | None = None,
     vm_hosts: Sequence[str] | None = None,
+    network: str | None = None,
     ready_timeout_s: float = 240.0,
     progress: Callable[[str], None] = lambda _: None,
 ) -> LabState:
@@ -350,20 +384,22 @@ def up(
     directory = lab_dir(lab)
     if lab in net.list_labs() or (directory / STATE).exists():
         raise LabStateError(f"lab {lab!r} is up already (or was not taken down): run `smig lab down --name {lab}`")
-    ok, why = net.available()
-    if not ok:
-        raise LabStateError(
-            f"network namespaces are not available here ({why}); the lab needs them to give each host "
-            "its own address (a loopback-only fallback is not built yet)"
-        )
+    mode = _network_mode(network or os.environ.get(NETWORK_ENV, "auto"), progress)
+    if mode == "loopback" and link_model is not None:
+        raise ConfigError("--link needs network namespaces (a tc rate limit on loopback would slow this whole machine)")
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    state = LabState(lab, str(directory), names, net.DEFAULT_SUBNET, policy, interval_s, link, created_at=time.time())
+    subnet = LOOPBACK_SUBNET if mode == "loopback" else net.DEFAULT_SUBNET
+    state = LabState(lab, str(directory), names, subnet, policy, interval_s, link, created_at=time.time(), mode=mode)
     try:
-        progress(
-            f"network: {hosts} host namespaces and the RC-TCB's on a bridge{f', {link_model}' if link_model else ''}"
-        )
-        net.create(state.network, link=link_model)
+        if state.loopback:
+            progress(f"network: loopback, the RC-TCB on {state.network.rctcb.address} and a host on each next address")
+        else:
+            progress(
+                f"network: {hosts} host namespaces and the RC-TCB's on a bridge"
+                + (f", {link_model}" if link_model else "")
+            )
+            net.create(state.network, link=link_model)
         progress("credentials: region CA, certificates, agent keys, reference manifest")
         _credentials(state)
         (directory / "rctcb").mkdir()
@@ -396,6 +432,23 @@ def up(
         raise
 
 
+def _network_mode(asked: str, progress: Callable[[str], None]) -> str:
+    if asked not in ("auto", "netns", "loopback"):
+        raise ConfigError(f"the lab's network is auto, netns or loopback, not {asked!r}")
+    if asked == "loopback":
+        return asked
+    ok, why = net.available()
+    if ok:
+        return "netns"
+    if asked == "netns":
+        raise LabStateError(f"network namespaces are not available here: {why}")
+    progress(
+        f"network namespaces are not available here ({why}): falling back to loopback addresses "
+        f"({LOOPBACK_SUBNET}); every host then shares this machine's network, and no link model applies"
+    )
+    return "loopback"
+
+
 def start_agent(state: LabState, host: str, *, lie_about: Sequence[str] = (), ignore_orders: bool = False) -> int:
     """Start ``host``'s agent (after :func:`stop_process` of the old one, to restart it); with
     ``lie_about``/``ignore_orders`` it is the lab's compromised agent. Returns its pid."""
@@ -403,7 +456,7 @@ def start_agent(state: LabState, host: str, *, lie_about: Sequence[str] = (), ig
     config = _agent_config(state, host, lie_about=lie_about, ignore_orders=ignore_orders)
     (home / "agent.toml").write_text(config)
     pid = _spawn(
-        state.network.hosts[host].netns,
+        state.netns_of(state.network.hosts[host]),
         _smig("agent", "run", "--config", str(home / "agent.toml")),
         state.path / f"agent-{host}.log",
         {"SMIG_HOME": str(home), "SMIG_CACHE": str(smig_cache())},
@@ -416,7 +469,7 @@ def start_rctcb(state: LabState) -> int:
     """Start the RC-TCB in its namespace (again, after a crash: it resumes from its store)."""
     env = {"SMIG_HOME": str(state.path / "rctcb"), "SMIG_CACHE": str(smig_cache())}
     pid = _spawn(
-        state.network.rctcb.netns,
+        state.netns_of(state.network.rctcb),
         _smig("rctcb", "serve", "--config", str(state.path / "rctcb.toml")),
         state.path / "rctcb.log",
         env,
@@ -454,7 +507,11 @@ def launch_vm(state: LabState, host: str, name: str, memory_mib: int, dirty_mbps
     argv = _smig("vm", "launch", name, "--memory", str(memory_mib), "--dirty-mbps", str(dirty_mbps), "--json")
     env = {**os.environ, "SMIG_HOME": str(state.host_home(host)), "SMIG_CACHE": str(smig_cache())}
     r = subprocess.run(
-        net.netns_argv(state.network.hosts[host].netns, argv), capture_output=True, text=True, env=env, timeout=180
+        net.netns_argv(state.network.hosts[host].netns, argv) if not state.loopback else argv,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
     )
     if r.returncode != 0:
         raise LaunchError(f"booting {name} on {host} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -465,6 +522,9 @@ def down(lab: str) -> net.Reclaimed:
     """End every process of the lab, remove its namespaces and its directory. Idempotent."""
     reclaimed = net.reclaim(lab)
     directory = lab_dir(lab)
+    swept = _sweep(directory)
+    if swept:
+        reclaimed = dataclasses.replace(reclaimed, pids=tuple(sorted({*reclaimed.pids, *swept})))
     state_file = directory / STATE
     if state_file.exists():
         try:
@@ -475,6 +535,39 @@ def down(lab: str) -> net.Reclaimed:
             log.warning("the lab's state could not be read while taking it down: %s", e)
     shutil.rmtree(directory, ignore_errors=True)
     return reclaimed
+
+
+def _sweep(directory: Path, term_timeout_s: float = 3.0) -> list[int]:
+    """End every process run from ``directory`` (the loopback lab's, or any a crash left outside
+    the namespaces): SIGTERM, then SIGKILL. Never this process."""
+    needle = str(directory).encode() + b"/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(needle in arg for arg in argv):
+            found.append(int(entry.name))
+    for sig, wait in ((signal.SIGTERM, term_timeout_s), (signal.SIGKILL, 5.0)):
+        alive = [pid for pid in found if _alive(pid)]
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_alive(pid) for pid in alive):
+            time.sleep(0.05)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent that will never reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _undo_quietly(record: dict[str, Any]) -> None:

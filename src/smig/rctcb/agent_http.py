@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from smig.aim.procfs import hypervisor_pids
 from smig.errors import (
     ConfigError,
     DestinationUnreachable,
@@ -54,6 +55,7 @@ __all__ = [
     "WIRE_ERRORS",
     "CommandFencer",
     "Fencer",
+    "HomeFencer",
     "HttpAgentClient",
     "HttpAgentDirectory",
     "NetnsFencer",
@@ -306,34 +308,21 @@ def _check_names(host: str, vm: str) -> None:
             raise HypervisorError(f"refusing to fence: {name!r} is not a valid {what} name", host=host, vm=vm)
 
 
-class NetnsFencer:
-    """The lab's BMC: SIGKILLs every QEMU process of a VM whose network namespace is the host's.
+class _KillingFencer:
+    """Stops a VM by SIGKILL to every QEMU process of it on the host, until none is left."""
 
-    ``netns_path_of(host)`` is the namespace's file (``/run/netns/NAME``). Idempotent: succeeds
-    at once when no such process runs. Raises HypervisorError when the namespace cannot be read
-    (nothing then proves the VM stopped) or a process outlives ``timeout_s``.
-    """
-
-    def __init__(self, netns_path_of: Callable[[str], str], *, timeout_s: float = 10.0) -> None:
-        self._netns_path_of = netns_path_of
+    def __init__(self, *, timeout_s: float = 10.0) -> None:
         self._timeout_s = timeout_s
+
+    def _finder(self, host: str, vm: str) -> Callable[[], list[int]]:
+        raise NotImplementedError
 
     async def fence(self, host: str, vm: str) -> None:
         _check_names(host, vm)
-        path = self._netns_path_of(host)
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise HypervisorError(
-                f"cannot fence {vm} on {host}: its network namespace {path} cannot be read "
-                f"({e.strerror or e}), so nothing proves the VM stopped",
-                host=host,
-                vm=vm,
-            ) from e
-        netns = (st.st_dev, st.st_ino)
+        find = self._finder(host, vm)
         deadline = time.monotonic() + self._timeout_s
         killed: set[int] = set()
-        while pids := await asyncio.to_thread(vm_processes, vm, netns):
+        while pids := await asyncio.to_thread(find):
             if time.monotonic() > deadline:
                 raise HypervisorError(
                     f"fencing {vm} on {host}: processes {pids} still run {self._timeout_s:g}s after SIGKILL",
@@ -351,6 +340,46 @@ class NetnsFencer:
                     killed.add(pid)
                     log.warning("fenced %s on %s: SIGKILL to QEMU %d", vm, host, pid)
             await asyncio.sleep(0.02)
+
+
+class NetnsFencer(_KillingFencer):
+    """The lab's BMC: SIGKILLs every QEMU process of a VM whose network namespace is the host's.
+
+    ``netns_path_of(host)`` is the namespace's file (``/run/netns/NAME``). Idempotent: succeeds
+    at once when no such process runs. Raises HypervisorError when the namespace cannot be read
+    (nothing then proves the VM stopped) or a process outlives ``timeout_s``.
+    """
+
+    def __init__(self, netns_path_of: Callable[[str], str], *, timeout_s: float = 10.0) -> None:
+        super().__init__(timeout_s=timeout_s)
+        self._netns_path_of = netns_path_of
+
+    def _finder(self, host: str, vm: str) -> Callable[[], list[int]]:
+        path = self._netns_path_of(host)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise HypervisorError(
+                f"cannot fence {vm} on {host}: its network namespace {path} cannot be read "
+                f"({e.strerror or e}), so nothing proves the VM stopped",
+                host=host,
+                vm=vm,
+            ) from e
+        netns = (st.st_dev, st.st_ino)
+        return lambda: vm_processes(vm, netns)
+
+
+class HomeFencer(_KillingFencer):
+    """The lab's BMC where hosts share this machine's network (the loopback lab): SIGKILLs every
+    QEMU process run from the VM's directory under the host's home (``home_of(host)``)."""
+
+    def __init__(self, home_of: Callable[[str], str], *, timeout_s: float = 10.0) -> None:
+        super().__init__(timeout_s=timeout_s)
+        self._home_of = home_of
+
+    def _finder(self, host: str, vm: str) -> Callable[[], list[int]]:
+        fragment = f"{self._home_of(host).rstrip('/')}/vms/{vm}/"
+        return lambda: hypervisor_pids(cmdline_contains=fragment)
 
 
 class CommandFencer:

@@ -63,8 +63,9 @@ class ServiceConfig:
     max_body_bytes: int = 4 << 20
     manifest: str = ""  # the default manifest's digest: unknown hosts' agents may enrol themselves
     agents: bool = True  # drive evacuations through the hosts' agents (False: plan them only)
-    fencing: str = "none"  # "netns", "command" or "none": how a refusing source is stopped out of band
+    fencing: str = "none"  # "netns", "home", "command" or "none": how a refusing source is stopped out of band
     fence_netns: str = "/run/netns/{host}"
+    fence_home: str = ""  # "home": the host's driver home, with {host} (the loopback lab)
     fence_command: tuple[str, ...] = ()
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
@@ -76,6 +77,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "enabled",
             "fencing",
             "fence_netns",
+            "fence_home",
             "fence_command",
             "call_timeout_s",
             "completion_timeout_per_gib_s",
@@ -149,8 +151,11 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
         raise ConfigError(f"rctcb.tick_interval_s must be positive, not {tick}")
     agents: dict[str, Any] = data.get("agents", {})
     fencing = str(agents.get("fencing", "none"))
-    if fencing not in ("netns", "command", "none"):
-        raise ConfigError(f"agents.fencing must be netns, command or none, not {fencing!r}")
+    if fencing not in ("netns", "home", "command", "none"):
+        raise ConfigError(f"agents.fencing must be netns, home, command or none, not {fencing!r}")
+    fence_home = str(agents.get("fence_home", ""))
+    if fencing == "home" and "{host}" not in fence_home:
+        raise ConfigError("agents.fencing = 'home' needs agents.fence_home with {host} in it")
     command = agents.get("fence_command", [])
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         raise ConfigError("agents.fence_command must be a list of strings, e.g. ['fence-vm', '{host}', '{vm}']")
@@ -177,6 +182,7 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
         agents=bool(agents.get("enabled", True)),
         fencing=fencing,
         fence_netns=str(agents.get("fence_netns", "/run/netns/{host}")),
+        fence_home=fence_home,
         fence_command=tuple(command),
         orchestrator=orchestrator,
     )
@@ -239,12 +245,14 @@ def _agents(config: ServiceConfig, region: Region) -> AgentDirectory:
     the RC-TCB's own certificate; fencing out of band as configured."""
     if not config.agents:
         return NoAgents()
-    from smig.rctcb.agent_http import CommandFencer, Fencer, HttpAgentDirectory, NetnsFencer
+    from smig.rctcb.agent_http import CommandFencer, Fencer, HomeFencer, HttpAgentDirectory, NetnsFencer
     from smig.rctcb.ca import client_ssl_context
 
     fencer: Fencer | None = None
     if config.fencing == "netns":
         fencer = NetnsFencer(lambda host: config.fence_netns.format(host=host))
+    elif config.fencing == "home":
+        fencer = HomeFencer(lambda host: config.fence_home.format(host=host))
     elif config.fencing == "command":
         fencer = CommandFencer(config.fence_command)
     context = client_ssl_context(config.cert, config.key, config.ca)
