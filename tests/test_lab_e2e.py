@@ -233,6 +233,12 @@ def wide_lab(cli_env: dict[str, str]) -> Iterator[LabState]:
         os.environ.pop("SMIG_HOME", None)
 
 
+def _all_on(state: LabState, hosts: tuple[str, ...]) -> bool:
+    return all(h in hosts for h in placed(state).values()) and not any(
+        o["state"] not in ("done", "failed") for o in orders(state)
+    )
+
+
 def _is_untrusted(state: LabState, host: str) -> bool:
     return bool(rows(state)[host]["state"] == "untrusted")
 
@@ -250,6 +256,8 @@ def test_every_attack_kind_turns_its_host_untrusted_and_its_vm_moves_live(wide_l
         vm = f"{host}-vm1"
         order = until(f"{vm} to land", functools.partial(landed, state, vm), 120)
         assert order["state"] == "done", (kind, order)
+    # A VM that landed on a host attacked later moves again: wait for the last of those moves.
+    until("every VM on h5 or h6", functools.partial(_all_on, state, ("h5", "h6")), 120)
     states = {h: r["state"] for h, r in rows(state).items()}
     assert states == {"h1": "untrusted", "h2": "untrusted", "h3": "untrusted", "h4": "untrusted",
                       "h5": "trusted", "h6": "trusted"}, states  # fmt: skip
