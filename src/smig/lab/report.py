@@ -30,7 +30,7 @@ def _response_plot(vms: list[Mapping[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(vms)))
+    fig, ax = plt.subplots(figsize=(8, 1.9 + 0.5 * len(vms)), layout="constrained")
     for row, vm in enumerate(vms):
         for start, end, label, colour in STEPS:
             if vm.get(start) is None or vm.get(end) is None:
@@ -41,9 +41,8 @@ def _response_plot(vms: list[Mapping[str, Any]], path: Path) -> None:
     ax.set_yticks(range(len(vms)), [f"{vm['name']} → {vm.get('target') or '?'}" for vm in vms])
     ax.invert_yaxis()
     ax.set_xlabel("ms after the tamper")
-    ax.set_title("Response time, step by step")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+    fig.suptitle("Response time, step by step")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize="small", frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -60,13 +59,18 @@ def _region_plot(
     counts_before = [sum(1 for h in before.values() if h == name) for name in names]
     counts_after = [sum(1 for h in after.values() if h == name) for name in names]
     colours = [STATE_COLOURS.get(h["state"], "#8c8c8c") for h in hosts]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
-    for ax, counts, title in ((axes[0], counts_before, "before the tamper"), (axes[1], counts_after, "after")):
-        ax.bar(names, counts, color=colours if title == "after" else "#4c72b0")
-        ax.set_title(f"VMs per host, {title}")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    axes[0].bar(names, counts_before, color="#4c72b0")
+    axes[0].set_title("VMs per host, before the tamper")
+    # After: each host's bar in the colour of its trust state, the state under its name (an
+    # untrusted host has no bar left to colour).
+    axes[1].bar(names, counts_after, color=colours)
+    axes[1].set_title("after, by trust state")
+    axes[1].set_xticks(range(len(names)), [f"{h['id']}\n{h['state']}" for h in hosts])
+    for label, colour in zip(axes[1].get_xticklabels(), colours, strict=True):
+        label.set_color(colour)
+    for ax in axes:
         ax.yaxis.get_major_locator().set_params(integer=True)
-    for name, host in zip(names, hosts, strict=True):
-        axes[1].annotate(host["state"], (name, 0), ha="center", va="bottom", fontsize="small", color="white")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
