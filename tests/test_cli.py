@@ -26,8 +26,34 @@ def smig_json(env: dict[str, str], *args: str) -> Any:
     return json.loads(smig(env, *args, "--json").stdout)
 
 
+def _status_with_heartbeat(env: dict[str, str], name: str) -> Any:
+    """`vm status` until it reports the guest's boot id: a TCG guest's first heartbeat after a
+    migration has been seen to take longer than status waits when the machine is busy."""
+    for _ in range(3):
+        status = smig_json(env, "vm", "status", name)
+        if status["boot_id"] is not None:
+            break
+    return status
+
+
+def _panicked(home: Path, name: str) -> bool:
+    return any("Kernel panic" in log.read_text(errors="replace") for log in (home / "vms" / name).glob("*/console.log"))
+
+
 @pytest.mark.qemu
 def test_launch_status_migrate_stop_contract(cli_env: dict[str, str], home: Path) -> None:
+    try:
+        _contract(cli_env, home)
+    except AssertionError:
+        # QEMU 7.2's TCG corruption of a writing guest (README, "Known limits") kills it now and
+        # then after a migration: retry once with a fresh guest, and only for that.
+        if not _panicked(home, "web"):
+            raise
+        smig(cli_env, "vm", "stop", "web", ok=False)
+        _contract(cli_env, home)
+
+
+def _contract(cli_env: dict[str, str], home: Path) -> None:
     launched = smig_json(cli_env, "vm", "launch", "web", "--memory", "256", "--dirty-mbps", "10")
     assert launched["name"] == "web" and launched["accel"] in ("kvm", "tcg") and launched["pid"] > 0
 
@@ -39,13 +65,13 @@ def test_launch_status_migrate_stop_contract(cli_env: dict[str, str], home: Path
     assert {"total_ms", "downtime_ms", "transferred_bytes", "source_pid", "target_pid"} <= moved.keys()
     assert moved["source_pid"] == launched["pid"] and moved["target_pid"] != launched["pid"]
 
-    st2 = smig_json(cli_env, "vm", "status", "web")
+    st2 = _status_with_heartbeat(cli_env, "web")
     assert st2["pid"] == moved["target_pid"] and st2["boot_id"] == st1["boot_id"]
     assert st2["heartbeat"] > st1["heartbeat"]
 
     secure = smig_json(cli_env, "vm", "migrate", "web", "--tls")
     assert secure["tls"] is True and secure["source_pid"] == moved["target_pid"]
-    st3 = smig_json(cli_env, "vm", "status", "web")
+    st3 = _status_with_heartbeat(cli_env, "web")
     assert st3["pid"] == secure["target_pid"] and st3["boot_id"] == st1["boot_id"]
     assert [v["name"] for v in smig_json(cli_env, "vm", "list")] == ["web"]
 

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Evacuations"]
 
+MAX_BURST = 5
+
 
 class Evacuations:
     """Plans evacuations as effects arrive and drives them; one per service."""
@@ -68,15 +70,23 @@ class Evacuations:
             except SmigError as e:
                 log.error("resuming the evacuations in flight failed (retrying): %s", e)
                 await asyncio.sleep(1.0)
+        burst = 0
         while True:
             if self.orchestrator.active():
+                delay = self.poll_interval_s
                 try:
-                    await self.orchestrator.run_once()
+                    # An answer that moves an order on: take its next step now. A few rounds in a
+                    # row at most, so an order that keeps asking `where` cannot spin.
+                    if await self.orchestrator.run_once() and burst < MAX_BURST:
+                        delay = 0.0
                 except SmigError as e:
                     log.error("an evacuation round failed (retrying): %s", e)
-                delay = self.poll_interval_s
             else:
                 delay = 1.0
+            burst = burst + 1 if delay == 0.0 else 0
             self._wake.clear()
+            if delay == 0.0:
+                await asyncio.sleep(0)  # let the API's requests in between the rounds
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)

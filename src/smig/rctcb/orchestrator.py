@@ -32,7 +32,7 @@ from smig.errors import (
 )
 from smig.ivt.base import StoredOrder, Transaction
 from smig.model import HostRecord, PlacedVM, Resources
-from smig.rctcb.agents import AgentDirectory, VMWhere
+from smig.rctcb.agents import AgentDirectory, MigrationPhase, VMWhere
 from smig.rctcb.orders import (
     CANCELLABLE,
     AbortIncoming,
@@ -171,8 +171,10 @@ class Orchestrator:
             if obs is not None:
                 self._pending[order.id] = obs
 
-    async def run_once(self) -> None:
-        """Advance every active order one step: decide, commit, then act. Raises StoreError."""
+    async def run_once(self) -> bool:
+        """Advance every active order one step: decide, commit, then act. True when an answer came
+        back that lets an order move on at once (a slot prepared, a migration ended, a `where`...),
+        so the caller need not wait before the next round. Raises StoreError."""
         now = self._clock()
         admitted: dict[str, Observation] = self._admit(now)
         steps: list[tuple[Order, Order, tuple[Action, ...]]] = []
@@ -188,9 +190,11 @@ class Orchestrator:
         if changed:
             await asyncio.to_thread(self._persist, changed, now, None)
         results = await asyncio.gather(*(self._execute(new, actions) for _, new, actions in steps if actions))
+        decisive = False
         for order_id, answer in results:
             if answer is not None and order_id in self._orders:
                 self._pending[order_id] = answer
+                decisive |= _moves_on(answer)
                 if isinstance(answer, Progress):
                     view = answer.view
                     self._tell(
@@ -201,6 +205,7 @@ class Orchestrator:
                         transferred_bytes=view.transferred_bytes,
                         remaining_bytes=view.remaining_bytes,
                     )
+        return decisive
 
     async def run_until_idle(self, timeout_s: float) -> None:
         """Run rounds until no order is active. Raises MigrationError if some still are after
@@ -376,6 +381,14 @@ class Orchestrator:
 
 
 _RETRYABLE = (OrderState.PREPARING, OrderState.MIGRATING, OrderState.COMPLETING)
+
+
+def _moves_on(answer: Observation) -> bool:
+    """An answer the next step acts on at once. A migration still running, or a call that failed
+    (an agent that is down), waits for the next round: asking again at once would only spin."""
+    if isinstance(answer, Progress):
+        return answer.view.status is not MigrationPhase.ACTIVE
+    return isinstance(answer, Prepared | Where | Fenced | Restarted | Refused | Admitted)
 
 
 def _why(e: BaseException) -> str:
