@@ -94,6 +94,12 @@ def table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         lines.append(f"| {label} | {spread(steps[key])} |")
     lines.append(f"| **response time** (last VM of the run) | **{spread(steps['response_time_ms'])}** |")
     lines.append(f"| guest-visible downtime | {spread(steps['downtime_ms'])} |")
+    restarts = [(i + 1, vm) for i, run in enumerate(runs) for vm in run["vms"] if vm["mode"] == "restart"]
+    if restarts:
+        lines += ["", "Moves that ended in a cold restart (fenced, booted again from disk on the target), and why:", ""]
+        for number, vm in restarts:
+            why = next((st["reason"] for st in vm.get("steps", []) if st["kind"] == "migration.fencing"), None)
+            lines.append(f"- run {number}, {vm['name']}: {why or 'no reason recorded'}")
     lines += [
         "",
         "What the time goes to: detection waits for the next randomised measurement (mean interval 1 s, "

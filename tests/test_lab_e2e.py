@@ -68,8 +68,9 @@ def _down(env: dict[str, str], lab: str) -> None:
 
 @pytest.mark.parametrize("network", ["netns", "loopback"])
 def test_the_demo_moves_a_tampered_hosts_vm_live_to_a_trusted_host(
-    cli_env: dict[str, str], tmp_path: Path, network: str
+    cli_env: dict[str, str], tmp_path: Path, network: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SMIG_HOME", cli_env["SMIG_HOME"])  # region.load reads it, as the CLI does
     lab = f"e2ed{network[0]}"
     out = tmp_path / "demo.json"
     argv = [SMIG, "demo", "--hosts", "3", "--vms-per-host", "1", "--memory", "128", "--dirty-mbps", "5"]
@@ -99,6 +100,11 @@ def test_the_demo_moves_a_tampered_hosts_vm_live_to_a_trusted_host(
         assert _vm_processes(lab, vm["name"]) == {vm["target"]: 1}
         others = [h for h in status["hosts"] if h["id"] == attacked]
         assert others[0]["vms"] == [] and status["network"] == network
+        # The healthy hosts stayed TRUSTED throughout, by the RC-TCB's own record.
+        state = region.load(lab)
+        entries = region.inside(state, lambda: _api(state, "GET", "/v1/audit?limit=10000"))["entries"]
+        changes = [(e["subject"], e["body"]["new"]) for e in entries if e["kind"] == "trust.changed"]
+        assert changes and all(host == attacked for host, _ in changes), changes
         assert "response.png" in (tmp_path / "report" / "index.html").read_text()
     finally:
         _down(cli_env, lab)

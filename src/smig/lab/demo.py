@@ -164,6 +164,16 @@ def timeline(
                 "boot_id_before": before[-1].boot_id if before else None,
                 "boot_id_after": landed[-1].boot_id if landed else None,
                 "running_on": seen[-1].host if seen else None,
+                # Every step of its order, as the audit log has it: why a move ended as it did.
+                "steps": [
+                    {
+                        "kind": e["kind"],
+                        "at": e["at"],
+                        "target": e["body"].get("target"),
+                        "reason": e["body"].get("reason"),
+                    }
+                    for e in mine
+                ],
             }
         )
     return out
