@@ -98,8 +98,10 @@ def table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     if restarts:
         lines += ["", "Moves that ended in a cold restart (fenced, booted again from disk on the target), and why:", ""]
         for number, vm in restarts:
-            why = next((st["reason"] for st in vm.get("steps", []) if st["kind"] == "migration.fencing"), None)
-            lines.append(f"- run {number}, {vm['name']}: {why or 'no reason recorded'}")
+            steps = vm.get("steps", [])
+            path = " → ".join(st["kind"].removeprefix("migration.") for st in steps)
+            why = next((st["reason"] for st in steps if st["kind"] == "migration.fencing"), None)
+            lines.append(f"- run {number}, {vm['name']}: {path}" + (f" ({why})" if why else ""))
     lines += [
         "",
         "What the time goes to: detection waits for the next randomised measurement (mean interval 1 s, "
