@@ -5,7 +5,9 @@ source fenced) cannot be cancelled."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +118,57 @@ def test_the_api_cancels_for_operators_only_and_says_why_it_cannot(tmp_path: Pat
     assert orch.orders()[0].state is OrderState.FAILED and fake.running_on("web") == [BAD]
     store.close()
     lab.store.close()
+
+
+# -- the pure rules, case by case ------------------------------------------------------------------
+
+
+def _migrating(**changes: Any) -> Any:
+    from smig.model import PlacedVM, Resources
+    from smig.rctcb.orders import Order
+
+    order = Order("o", PlacedVM("web", BAD, Resources(1, 1024)), BAD, "t1", OrderState.MIGRATING, 1, ("t1",),
+                  100.0, 100.0, deadline=1000.0, address="a", cancel="alice")  # fmt: skip
+    return dataclasses.replace(order, **changes)
+
+
+def test_a_cancel_waits_for_where_and_adopts_a_copy_that_landed_anyway() -> None:
+    from smig.rctcb.agents import VMWhere as W
+    from smig.rctcb.orders import AbortIncoming, Cancel, Confirm, OrchestratorConfig, Where, next_step
+
+    order, config = _migrating(), OrchestratorConfig(fence_timeout_s=30)
+    same, actions = next_step(order, Where(((BAD, W.RUNNING), ("t1", W.INCOMING))), 101.0, config)
+    assert same is order and actions == (Cancel(BAD, "o.1"), AbortIncoming("t1", "o.1"), Confirm())
+    done, _ = next_step(order, Where(((BAD, W.ABSENT), ("t1", W.RUNNING))), 102.0, config)
+    assert done.state is OrderState.DONE and done.target == "t1", "too late to cancel: the landed copy stays"
+    failed, _ = next_step(order, Where(((BAD, W.RUNNING), ("t1", W.ABSENT))), 103.0, config)
+    assert failed.state is OrderState.FAILED and failed.reason == "cancelled by alice"
+
+
+def test_a_cancel_that_cannot_win_is_dropped_and_the_move_goes_on() -> None:
+    from smig.rctcb.agents import VMWhere as W
+    from smig.rctcb.orders import OrchestratorConfig, Tick, Where, next_step
+
+    order, config = _migrating(), OrchestratorConfig(fence_timeout_s=30)
+    # The VM left its source and runs nowhere yet: cancelling cannot put it back; the source is
+    # fenced (its word is not proof) before any cold restart.
+    moved_on, _ = next_step(order, Where(((BAD, W.ABSENT), ("t1", W.ABSENT))), 101.0, config)
+    assert moved_on.state is OrderState.FENCING and not moved_on.cancel
+    # Nothing answers for longer than the fence timeout: the cancel is dropped.
+    late, _ = next_step(order, Tick(), 100.0 + 31, config)
+    assert not late.cancel
+
+
+def test_a_cold_restart_needs_a_fence_whatever_the_source_says() -> None:
+    from smig.rctcb.agents import VMWhere as W
+    from smig.rctcb.orders import Fence, Fenced, OrchestratorConfig, StartFromDisk, Where, next_step
+
+    config = OrchestratorConfig()
+    completing = _migrating(state=OrderState.COMPLETING, cancel="", deadline=None)
+    # The source says the VM left; the target does not run it (it died on arrival): fence first.
+    fencing, actions = next_step(completing, Where(((BAD, W.ABSENT), ("t1", W.ABSENT))), 101.0, config)
+    assert fencing.state is OrderState.FENCING and Fence(BAD) in actions
+    restarting, _ = next_step(fencing, Fenced(), 102.0, config)
+    assert restarting.state is OrderState.RESTARTING and restarting.fenced
+    _, actions = next_step(restarting, Where(((BAD, None), ("t1", W.ABSENT))), 103.0, config)
+    assert actions == (StartFromDisk("t1", "o.1"),), "fenced and silent: now the disk may boot"

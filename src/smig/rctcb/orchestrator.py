@@ -97,6 +97,9 @@ class Orchestrator:
         # Told of every order step once it is committed, and of each progress answer: the
         # service streams them as ``migration.*`` events.
         self.listeners: list[Callable[[str, dict[str, object]], None]] = []
+        # Deciding and writing a round's steps, and an operator's cancel, take turns: each reads
+        # the orders the other may change. The agents' calls run outside it.
+        self._deciding = asyncio.Lock()
         self._load()
 
     def _load(self) -> None:
@@ -121,40 +124,43 @@ class Orchestrator:
         VMs with no trusted room get a FAILED order at once, with the reason (they keep running on
         ``host``). Returns the new orders. Raises StoreError.
         """
-        now = self._clock()
-        busy = {o.vm.name for o in self._orders.values()}
-        evacuees = [vm for vm in self._store.placements(host) if vm.name not in busy]
-        plan = plan_evacuation(
-            evacuees, self._region.rows(), self._store.placements(), self._in_flight(), now, self._placement
-        )
-        new = [self._order(m.vm, m.target, OrderState.PLANNED, now, reason) for m in (*plan.start, *plan.waiting)]
-        new += [
-            self._order(n.vm, "", OrderState.FAILED, now, f"no trusted capacity: {n.reason}") for n in plan.no_capacity
-        ]
-        body = {"reason": reason, "orders": len(new), "no_capacity": len(plan.no_capacity)}
-        await asyncio.to_thread(self._persist, [(None, o) for o in new], now, ("evacuation.planned", host, body))
+        async with self._deciding:
+            now = self._clock()
+            busy = {o.vm.name for o in self._orders.values()}
+            evacuees = [vm for vm in self._store.placements(host) if vm.name not in busy]
+            plan = plan_evacuation(
+                evacuees, self._region.rows(), self._store.placements(), self._in_flight(), now, self._placement
+            )
+            new = [self._order(m.vm, m.target, OrderState.PLANNED, now, reason) for m in (*plan.start, *plan.waiting)]
+            new += [
+                self._order(n.vm, "", OrderState.FAILED, now, f"no trusted capacity: {n.reason}")
+                for n in plan.no_capacity
+            ]
+            body = {"reason": reason, "orders": len(new), "no_capacity": len(plan.no_capacity)}
+            await self._commit([(None, o) for o in new], now, ("evacuation.planned", host, body))
         log.warning("evacuating %s (%s): %d VMs, %d without room", host, reason, len(new), len(plan.no_capacity))
         return new
 
     async def cancel(self, order_id: str, who: str) -> Order:
         """Ask for ``order_id``'s move to stop (``who``: the operator and why); the next rounds
         carry it out. Raises MigrationError: no such order, finished, or past fencing."""
-        order = self._orders.get(order_id)
-        if order is None:
-            stored = next((o for o in self.orders() if o.id == order_id), None)
-            if stored is None:
-                raise MigrationError(f"no migration order {order_id!r}; GET /v1/migrations?all=true lists them")
-            raise MigrationError(f"order {order_id} is already {stored.state.value}: there is nothing to cancel")
-        if order.state not in CANCELLABLE:
-            raise MigrationError(
-                f"order {order_id} is {order.state.value}: its source was fenced, so it cannot be cancelled "
-                "(the VM would be left nowhere); it will end on the target"
-            )
-        now = self._clock()
-        new = replace(order, cancel=who, updated_at=now)
-        body: dict[str, object] = {"order": order.id, "by": who, "state": order.state.value}
-        await asyncio.to_thread(self._persist, [(order, new)], now, ("migration.cancel-requested", order.vm.name, body))
-        return new
+        async with self._deciding:
+            order = self._orders.get(order_id)
+            if order is None:
+                stored = next((o for o in self.orders() if o.id == order_id), None)
+                if stored is None:
+                    raise MigrationError(f"no migration order {order_id!r}; GET /v1/migrations?all=true lists them")
+                raise MigrationError(f"order {order_id} is already {stored.state.value}: there is nothing to cancel")
+            if order.state not in CANCELLABLE:
+                raise MigrationError(
+                    f"order {order_id} is {order.state.value}: its source is being fenced, so it cannot be "
+                    "cancelled (the VM would be left nowhere); it will end on the target"
+                )
+            now = self._clock()
+            new = replace(order, cancel=who, updated_at=now)
+            body: dict[str, object] = {"order": order.id, "by": who, "state": order.state.value}
+            await self._commit([(order, new)], now, ("migration.cancel-requested", order.vm.name, body))
+            return new
 
     async def resume(self) -> None:
         """On start-up: reload the active orders and learn from the agents where each VM is."""
@@ -175,20 +181,21 @@ class Orchestrator:
         """Advance every active order one step: decide, commit, then act. True when an answer came
         back that lets an order move on at once (a slot prepared, a migration ended, a `where`...),
         so the caller need not wait before the next round. Raises StoreError."""
-        now = self._clock()
-        admitted: dict[str, Observation] = self._admit(now)
-        steps: list[tuple[Order, Order, tuple[Action, ...]]] = []
-        for order in self.active():
-            obs = admitted.get(order.id) or self._pending.pop(order.id, Tick())
-            new, actions = next_step(order, obs, now, self._config)
-            if new.state in (OrderState.FENCING, OrderState.FAILED) and order.state in _RETRYABLE:
-                # Giving up on the target: ask placement for the next-best one, and decide again.
-                # (Placement runs only here, not on every poll.)
-                new, actions = next_step(order, obs, now, self._config, alternative=self._alternative(order, now))
-            steps.append((order, new, actions))
-        changed = [(old, new) for old, new, _ in steps if new != old]
-        if changed:
-            await asyncio.to_thread(self._persist, changed, now, None)
+        async with self._deciding:
+            now = self._clock()
+            admitted: dict[str, Observation] = self._admit(now)
+            steps: list[tuple[Order, Order, tuple[Action, ...]]] = []
+            for order in self.active():
+                obs = admitted.get(order.id) or self._pending.pop(order.id, Tick())
+                new, actions = next_step(order, obs, now, self._config)
+                if new.state in (OrderState.FENCING, OrderState.FAILED) and order.state in _RETRYABLE:
+                    # Giving up on the target: ask placement for the next-best one, and decide
+                    # again. (Placement runs only here, not on every poll.)
+                    new, actions = next_step(order, obs, now, self._config, alternative=self._alternative(order, now))
+                steps.append((order, new, actions))
+            changed = [(old, new) for old, new, _ in steps if new != old]
+            if changed:
+                await self._commit(changed, now, None)
         results = await asyncio.gather(*(self._execute(new, actions) for _, new, actions in steps if actions))
         decisive = False
         for order_id, answer in results:
@@ -257,6 +264,23 @@ class Orchestrator:
 
     # -- persisting (in a worker thread: the store blocks) ---------------------------------------
 
+    async def _commit(
+        self,
+        changes: Sequence[tuple[Order | None, Order]],
+        now: float,
+        extra: tuple[str, str, dict[str, object]] | None,
+    ) -> None:
+        """Write ``changes`` (in a worker thread), then take them into the orders held here, on the
+        event loop: nothing else reads or changes those from another thread."""
+        await asyncio.to_thread(self._persist, changes, now, extra)
+        for _, new in changes:
+            if new.state.active:
+                self._orders[new.id] = new
+            else:
+                self._orders.pop(new.id, None)
+                self._pending.pop(new.id, None)
+            self._tell(f"migration.{new.state.value}", new, at=now)
+
     def _persist(
         self,
         changes: Sequence[tuple[Order | None, Order]],
@@ -274,13 +298,6 @@ class Orchestrator:
                 tx.put_order(StoredOrder(new.id, new.vm.name, new.state.value, new.state.active, new.to_json()))
                 body = {"order": new.id, "source": new.source, "target": new.target, "attempt": new.attempt}
                 tx.audit(f"migration.{new.state.value}", new.vm.name, {**body, "reason": new.reason}, now)
-        for _, new in changes:
-            if new.state.active:
-                self._orders[new.id] = new
-            else:
-                self._orders.pop(new.id, None)
-                self._pending.pop(new.id, None)
-            self._tell(f"migration.{new.state.value}", new, at=now)
 
     def _tell(self, kind: str, order: Order, **extra: object) -> None:
         body: dict[str, object] = {

@@ -12,12 +12,13 @@ spent, still fails) is fenced and the VM restarted from its disk on the prepared
 ``MIGRATING → FENCING → RESTARTING → COMPLETING → DONE``. Safety rules:
 
 - fencing only with a target slot prepared (``address`` set), so a fenced VM has somewhere to go;
-- a restart only after :class:`Where` showed the source ABSENT (or fenced, and silent) and no
-  trusted host running the VM: never two running copies;
+- a restart only after the source was fenced (its own word that the VM is gone is not proof)
+  and :class:`Where` showed no trusted host running the VM: never two running copies;
 - whenever :class:`Where` shows the VM running on a trusted host it tried, that copy is adopted;
 - FAILED only where the VM still runs on its source (nothing was fenced), with the reason;
-- an operator's cancel (``Order.cancel``) stops a move only before its source is fenced, and a VM
-  that already landed stays where it landed.
+- an operator's cancel (``Order.cancel``) stops a move only before its source is fenced, ends it
+  only once :class:`Where` shows the VM on its source and on no target, and a VM that already
+  landed stays where it landed.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Order:
     address: str | None = None
     reason: str = ""
     cancel: str = ""  # an operator asked to stop this move: who, and why
+    fenced: bool = False  # the source's VM processes were stopped out of band
 
     @property
     def step_id(self) -> str:
@@ -284,7 +286,7 @@ def next_step(
     if not s.active:
         return order, ()
     if order.cancel and s in CANCELLABLE:
-        return _cancelling(order, obs, now)
+        return _cancelling(order, obs, now, config)
     if isinstance(obs, Where) and s is not OrderState.PLANNED:
         return _reconcile(order, obs, now, config, alternative)
     if s is OrderState.PLANNED:
@@ -307,7 +309,7 @@ def next_step(
         return _migrating(order, obs, now, config, alternative)
     if s is OrderState.FENCING:
         if isinstance(obs, Fenced):
-            return _go(order, now, OrderState.RESTARTING, deadline=None), (Confirm(),)
+            return _go(order, now, OrderState.RESTARTING, deadline=None, fenced=True), (Confirm(),)
         if isinstance(obs, Failed) and order.deadline is not None and now >= order.deadline:
             why = f"could not fence {order.source} ({obs.reason}); the VM stays on its source"
             return _go(order, now, OrderState.FAILED, reason=why), (AbortIncoming(order.target, order.step_id),)
@@ -321,19 +323,31 @@ CANCELLABLE = frozenset({OrderState.PLANNED, OrderState.PREPARING, OrderState.MI
 going back would leave it nowhere."""
 
 
-def _cancelling(order: Order, obs: Observation, now: float) -> tuple[Order, tuple[Action, ...]]:
-    """Stop the move and leave the VM on its source, unless it landed already (then it is adopted)."""
+def _cancelling(
+    order: Order, obs: Observation, now: float, config: OrchestratorConfig
+) -> tuple[Order, tuple[Action, ...]]:
+    """Stop the move and leave the VM on its source. Only what `where` shows decides: FAILED once
+    the source runs the VM and no target holds it; adopted where a target already runs it. A
+    cancel that cannot win (the VM left its source, or nothing answers for too long) is dropped
+    and the move goes on as if never cancelled."""
     why = f"cancelled by {order.cancel}"
-    abort = (AbortIncoming(order.target, order.step_id),) if order.target else ()
-    if order.state is not OrderState.MIGRATING:  # nothing was sent yet
-        return _go(order, now, OrderState.FAILED, reason=why), abort if order.state is OrderState.PREPARING else ()
+    if order.state is OrderState.PLANNED or (order.state is OrderState.PREPARING and order.attempt <= 1):
+        # Nothing was sent yet: no copy can be anywhere but on the source.
+        abort = (AbortIncoming(order.target, order.step_id),) if order.state is OrderState.PREPARING else ()
+        return _go(order, now, OrderState.FAILED, reason=why), abort
+    give_up = replace(order, cancel="")
+    if now >= order.updated_at + config.fence_timeout_s:
+        return next_step(give_up, obs, now, config)
     if isinstance(obs, Where):
         if any(obs.at(h) is VMWhere.RUNNING for h in order.tried):
-            landed = replace(order, cancel="")  # too late: the copy on the trusted host is the VM now
-            return _reconcile(landed, obs, now, OrchestratorConfig(), None)
-        if obs.at(order.source) is VMWhere.RUNNING:
-            return _go(order, now, OrderState.FAILED, reason=why), abort
-    return order, (Cancel(order.source, order.step_id), Confirm())
+            return _reconcile(give_up, obs, now, config, None)  # too late: the landed copy is the VM now
+        source = obs.at(order.source)
+        if source is VMWhere.RUNNING and all(obs.at(h) is VMWhere.ABSENT for h in order.tried):
+            return _go(order, now, OrderState.FAILED, reason=why), ()
+        if source is VMWhere.ABSENT and all(obs.at(h) is not None for h in order.tried):
+            return _reconcile(give_up, obs, now, config, None)  # it left its source: only moving on helps
+    slots = tuple(AbortIncoming(t, step_id(order.id, n)) for n, t in enumerate(order.tried, start=1))
+    return order, (Cancel(order.source, order.step_id), *slots, Confirm())
 
 
 def _go(order: Order, now: float, state: OrderState, **changes: object) -> Order:
@@ -408,11 +422,17 @@ def _reconcile(
         return order, (Prepare(order.target, order.step_id),)
     if s is OrderState.FENCING:
         return order, (Fence(order.source),)
-    # In RESTARTING the source was fenced out of band: its silence is expected (an agent that
-    # ignores the RC-TCB) and the fence, not its word, is what shows the VM gone from it.
-    if source is VMWhere.ABSENT or (s is OrderState.RESTARTING and source is None):
+    # Once fenced, the source's silence is expected (an agent that ignores the RC-TCB): the fence,
+    # not its word, is what shows the VM gone from it.
+    if source is VMWhere.ABSENT or (order.fenced and source is None):
         if any(obs.at(h) is None for h in order.tried):
             return order, (Confirm(),)  # a target that did not answer may run it: never restart blind
+        if not order.fenced:
+            # The untrusted source says the VM is gone from it; its word is not proof. Fence it (a
+            # no-op if true) before the VM is booted anywhere else.
+            return _fence(
+                order, f"{order.source} says it no longer runs the VM; fenced before a cold restart", now, config
+            )
         # Nowhere running: only the disk is left. Restart it on the target (the one safe move).
         new = order if s is OrderState.RESTARTING else _go(order, now, OrderState.RESTARTING, deadline=None)
         return new, (StartFromDisk(order.target, order.step_id),)
