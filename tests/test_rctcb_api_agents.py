@@ -112,9 +112,13 @@ def test_an_untrusted_host_cannot_hide_its_vms_and_a_moving_vm_belongs_to_the_or
                 changed["h1"] = dataclasses.replace(rows["h1"], state=TrustState.UNTRUSTED)
             r = await h1.put("/v1/hosts/h1/vms", json={"vms": []})
             assert r.status_code == 200 and r.json()["frozen"] is True
+            # Nor may it move where the RC-TCB sends its orders.
+            r = await h1.put("/v1/hosts/h1/agent", json=_enrol_body(lab, "h1", address="https://elsewhere:7443"))
+            assert (r.status_code, r.json()["reason"]) == (409, "frozen")
+            assert lab.region.rows()["h1"].address == ""
             assert [vm.name for vm in lab.store.placements("h1")] == ["db", "web"]
         kinds = [e.kind for e in lab.store.audit_entries()]
-        assert kinds[-1] == "inventory.frozen"
+        assert kinds[-2:] == ["inventory.frozen", "api.rejected"]
         assert all(isinstance(vm, PlacedVM) for vm in lab.store.placements())
 
     run(story())

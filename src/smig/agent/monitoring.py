@@ -156,6 +156,8 @@ class MonitorRunner:
                         await self._remeasure(str(data.get("subject", "")), data.get("exclude") or [])
             except (RctcbUnavailable, RctcbRefused) as e:
                 log.info("event stream: %s", e)
+            except Exception:  # an unreadable event or a failed re-measurement: follow on
+                log.exception("following the RC-TCB's events failed; reconnecting")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -196,6 +198,10 @@ class MonitorRunner:
                 self._wake.set()
             except RctcbRefused as e:
                 log.warning("reports refused: %s", e)
+            except Exception:  # keep the reports and try again: they are this host's evidence
+                log.exception("delivering reports failed; %d wait in the outbox", len(self._outbox))
+                await asyncio.sleep(backoff)
+                self._wake.set()
 
     async def _send_once(self) -> None:
         now = self.clock()

@@ -88,6 +88,8 @@ class Agent:
                 log.warning("LAB: this agent ignores the RC-TCB's orders")
                 await self._run_without_orders(tasks, ready)
                 return
+            # Before any order can arrive: a destination started now is never taken for a stray.
+            await self.executor.start()
             app = create_orders_app(self.executor, ca_cert=self._ca_cert)
             orders_up = asyncio.Event()
             tasks.append(
@@ -105,7 +107,6 @@ class Agent:
                 )
             )
             await self._first(orders_up.wait(), tasks[0])
-            await self.executor.start()
             await self._run_without_orders(tasks, ready)
         finally:
             self.stopping.set()

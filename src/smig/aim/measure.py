@@ -301,17 +301,18 @@ class Measurer:
     def _files_of_a_live_process(self, file_root: Path, measured: list[int], out: _Round) -> None:
         """The files as the subject's processes see them (``/proc/PID/root``). A process that exits
         takes its view with it, and every file would look missing: then the files are measured
-        again through another process measured in this round, or the machine's root if none is."""
+        again through another process measured in this round. Never through the monitor's own
+        root instead: that is not what the subject sees. With no view left, the round says so."""
         roots = [file_root]
         if file_root.parent.parent == Path("/proc") and file_root.name == "root":
             roots += [Path(f"/proc/{pid}/root") for pid in measured if str(pid) != file_root.parent.name]
-            roots.append(Path("/"))
         for candidate in roots:
             attempt = _Round()
             if self._measure_files(candidate, attempt):
                 out.targets += attempt.targets
                 out.mismatches += attempt.mismatches
                 return
+        out.notes.append("files not measured this round: every process they were seen through exited")
 
     def _measure_files(self, file_root: Path, out: _Round) -> bool:
         """False if ``file_root`` itself vanished while it was read (its process exited)."""

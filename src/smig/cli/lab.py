@@ -202,13 +202,15 @@ def heal(name: str = NAME, as_json: bool = JSON) -> None:
     except SmigError as e:
         fail(str(e))
     done = []
+    kept = []  # what could not be undone stays on the record, for another heal or for `down`
     for entry in state.attacks:
         record = AttackRecord.from_json({k: v for k, v in entry.items() if k != "host"})
         try:
             done.append({"id": record.id, "undone": heal_record(record, state)})
         except SmigError as e:
             done.append({"id": record.id, "error": str(e)})
-    state.attacks = []
+            kept.append(entry)
+    state.attacks = kept
     state.save()
     if as_json:
         emit_json({"healed": done})

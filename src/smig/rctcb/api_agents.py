@@ -33,7 +33,7 @@ from smig.model import PlacedVM, Resources, valid_vm_name
 from smig.rctcb.api_events import Broadcaster
 from smig.rctcb.api_identity import ApiError, Identity
 from smig.rctcb.api_models import HOST_PATTERN, Capacity, HostOut, _In, host_out
-from smig.rctcb.inventory import apply_inventory
+from smig.rctcb.inventory import REPORTING_STATES, apply_inventory
 from smig.rctcb.region import Region
 
 __all__ = ["AgentEnrolIn", "InventoryIn", "InventoryOut", "add_agent_routes"]
@@ -157,6 +157,14 @@ def add_agent_routes(
                 )
             if (row.address, row.capacity, row.region or body.region) == (body.address, capacity, body.region):
                 return host_out(row)
+            if row.state not in REPORTING_STATES:
+                # Where the RC-TCB sends a doubtful host's orders is not that host's to change.
+                raise ApiError(
+                    409,
+                    "frozen",
+                    f"host {host!r} is {row.state.value}: its address and capacity stay as they were "
+                    "while it was trusted",
+                )
             with region.writing() as (tx, rows, changed):
                 current = rows[host]
                 changed[host] = dataclasses.replace(current, address=body.address, capacity=capacity)

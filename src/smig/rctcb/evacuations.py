@@ -59,6 +59,8 @@ class Evacuations:
             await self.orchestrator.evacuate(effect.host, effect.reason)
         except SmigError as e:
             log.error("planning the evacuation of %s failed: %s", effect.host, e)
+        except Exception:  # a bug: say so loudly, and keep the service driving the others
+            log.exception("planning the evacuation of %s failed", effect.host)
         self._wake.set()
 
     async def run(self) -> None:
@@ -81,6 +83,9 @@ class Evacuations:
                         delay = 0.0
                 except SmigError as e:
                     log.error("an evacuation round failed (retrying): %s", e)
+                except Exception:
+                    # A bug in one round must not end every evacuation for the life of the service.
+                    log.exception("an evacuation round failed unexpectedly (retrying)")
             else:
                 delay = 1.0
             burst = burst + 1 if delay == 0.0 else 0
