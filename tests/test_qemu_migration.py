@@ -30,6 +30,17 @@ def _guest_panicked(home: Path, name: str) -> bool:
     return any("Kernel panic" in log.read_text(errors="replace") for log in (home / "vms" / name).glob("*/console.log"))
 
 
+_CRASH_SIGNS = ("Kernel panic", "Oops", "BUG:", "general protection fault", "invalid opcode")
+
+
+def _guest_crashed(home: Path, name: str) -> bool:
+    """The guest kernel's console shows a panic or an oops (the guest stops, its QEMU may not)."""
+    return any(
+        any(sign in log.read_text(errors="replace") for sign in _CRASH_SIGNS)
+        for log in (home / "vms" / name).glob("*/console.log")
+    )
+
+
 async def _migrate_and_check(driver: QemuDriver, home: Path, spec: VMSpec, params: MigrationParams) -> None:
     info = await driver.launch(spec)
     before = await rising_heartbeat(driver, spec.name)
@@ -41,7 +52,13 @@ async def _migrate_and_check(driver: QemuDriver, home: Path, spec: VMSpec, param
     assert stats.source_pid == info.pid and stats.target_pid != info.pid
     assert not process.alive(info.pid), "the source QEMU must be gone after the migration"
     assert qemu_pids(str(home / "vms" / spec.name)) == [stats.target_pid]
-    after = await rising_heartbeat(driver, spec.name, after=before.counter)
+    try:
+        after = await rising_heartbeat(driver, spec.name, after=before.counter)
+    except AssertionError:
+        # The same corruption can leave the guest hung or oopsing in a QEMU that stays alive.
+        if _guest_crashed(home, spec.name):
+            raise GuestPanicked(f"{spec.name}'s kernel crashed on its destination after the migration") from None
+        raise
     assert after.boot_id == before.boot_id, "the guest was rebooted, not migrated"
     status = await driver.status(spec.name)
     assert status.info.pid == stats.target_pid and status.info.state is VMState.RUNNING
