@@ -100,6 +100,8 @@ class CA:
             .not_valid_before(_when(T0 - 3600))
             .not_valid_after(_when(not_after))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            # An agent's certificate names the address it serves at (see the agent routes).
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"{name}.lab")]), critical=False)
             .sign(self.key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM).decode()

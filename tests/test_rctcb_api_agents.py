@@ -48,11 +48,14 @@ def test_an_agent_resyncs_with_the_row_the_operator_enrolled_and_only_with_its_k
             assert (r.status_code, r.json()["reason"]) == (409, "key-mismatch")
             r = await h1.put("/v1/hosts/h2/agent", json=_enrol_body(lab, "h2"))
             assert (r.status_code, r.json()["reason"]) == (403, "not-yours")
+            # Pointing its orders at a neighbour's agent: the address must be one its certificate names.
+            r = await h1.put("/v1/hosts/h1/agent", json=_enrol_body(lab, "h1", address="https://h2.lab:7443"))
+            assert (r.status_code, r.json()["reason"]) == (403, "address-not-yours")
             r = await op.put("/v1/hosts/h1/agent", json=_enrol_body(lab, "h1"))
             assert (r.status_code, r.json()["reason"]) == (403, "wrong-role")
             assert lab.snapshot() == before
         kinds = [e.kind for e in lab.store.audit_entries()]
-        assert kinds.count("agent.resynced") == 1 and kinds[-3:] == ["api.rejected"] * 3
+        assert kinds.count("agent.resynced") == 1 and kinds[-4:] == ["api.rejected"] * 4
 
     run(story())
 
@@ -113,7 +116,7 @@ def test_an_untrusted_host_cannot_hide_its_vms_and_a_moving_vm_belongs_to_the_or
             r = await h1.put("/v1/hosts/h1/vms", json={"vms": []})
             assert r.status_code == 200 and r.json()["frozen"] is True
             # Nor may it move where the RC-TCB sends its orders.
-            r = await h1.put("/v1/hosts/h1/agent", json=_enrol_body(lab, "h1", address="https://elsewhere:7443"))
+            r = await h1.put("/v1/hosts/h1/agent", json=_enrol_body(lab, "h1"))
             assert (r.status_code, r.json()["reason"]) == (409, "frozen")
             assert lab.region.rows()["h1"].address == ""
             assert [vm.name for vm in lab.store.placements("h1")] == ["db", "web"]

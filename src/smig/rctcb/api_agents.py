@@ -22,16 +22,18 @@ import asyncio
 import dataclasses
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI
+from cryptography import x509
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, Field
 
 from smig.errors import ConfigError, HostExists, HostNotFound
 from smig.model import PlacedVM, Resources, valid_vm_name
 from smig.rctcb.api_events import Broadcaster
-from smig.rctcb.api_identity import ApiError, Identity
+from smig.rctcb.api_identity import ApiError, Identity, client_chain
 from smig.rctcb.api_models import HOST_PATTERN, Capacity, HostOut, _In, host_out
 from smig.rctcb.inventory import REPORTING_STATES, apply_inventory
 from smig.rctcb.region import Region
@@ -69,6 +71,30 @@ class InventoryOut(BaseModel):
     placed: list[str]
     refused: list[RefusedOut]
     frozen: bool
+
+
+def _address_is_its_own(address: str, chain: Sequence[str | bytes] | None, host: str) -> None:
+    """The address's host part must be a name or IP address in the caller's certificate: the
+    RC-TCB's orders for ``host`` then reach a server holding ``host``'s key, and no other."""
+    name = urlsplit(address).hostname
+    if not address.startswith("https://") or not name:
+        raise ApiError(422, "bad-address", f"the agent's address must be an https:// URL, not {address!r}")
+    names: set[str] = set()
+    if chain:
+        try:
+            leaf = x509.load_pem_x509_certificate(chain[0] if isinstance(chain[0], bytes) else chain[0].encode())
+            sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = set(sans.get_values_for_type(x509.DNSName))
+            names |= {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+        except (ValueError, x509.ExtensionNotFound):
+            names = set()
+    if name not in names:
+        raise ApiError(
+            403,
+            "address-not-yours",
+            f"{host}'s certificate does not name {name!r} (it names {', '.join(sorted(names)) or 'nothing'}): "
+            "an agent may only give an address its own certificate covers",
+        )
 
 
 def _itself(who: Identity, host: str, what: str) -> None:
@@ -114,9 +140,11 @@ def add_agent_routes(
         )
 
     @router.put("/v1/hosts/{host}/agent")
-    async def agent_enrol(host: str, body: AgentEnrolIn, who: Caller) -> HostOut:
-        """An agent enrols its host, or re-syncs with the row the operator enrolled."""
+    async def agent_enrol(host: str, body: AgentEnrolIn, who: Caller, request: Request) -> HostOut:
+        """An agent enrols its host, or re-syncs with the row the operator enrolled. Its address
+        must be one its own certificate names: a host cannot point its orders at a neighbour."""
         _itself(who, host, "enrol")
+        _address_is_its_own(body.address, client_chain(request.scope), host)
         if not _valid_host(host):
             raise ApiError(422, "bad-host", f"{host!r} is not a valid host id")
         capacity = Resources(body.capacity.vcpus, body.capacity.memory_mib)
