@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import uvicorn
 from cryptography import x509
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -52,7 +51,7 @@ from smig.errors import CertificateRejected, SmigError
 from smig.model import PlacedVM, Resources
 from smig.rctcb.agent_http import wire_error
 from smig.rctcb.ca import Role, identity_of, server_ssl_context
-from smig.rctcb.server import NotifyingServer, PeerCertProtocol, _bind
+from smig.rctcb.server import NotifyingServer, _bind, mutual_tls_config
 
 __all__ = ["create_orders_app", "serve_orders"]
 
@@ -248,16 +247,7 @@ async def serve_orders(
     context = server_ssl_context(cert, key, ca)  # CERT_REQUIRED: a stranger does not get past TLS
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        http=PeerCertProtocol,
-        ssl_context_factory=lambda _config, _default: context,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=5,
-        timeout_keep_alive=75,  # the RC-TCB polls every half second: keep its TLS session
-    )
+    config = mutual_tls_config(app, context)
     server = _Server(config, lambda: ready(host, bound) if ready is not None else None)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

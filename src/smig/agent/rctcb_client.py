@@ -22,7 +22,7 @@ from smig.model import VMInfo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RctcbClient", "RctcbRefused", "RctcbUnavailable"]
+__all__ = ["RctcbClient", "RctcbRefused", "RctcbUnavailable", "read_events"]
 
 
 class RctcbUnavailable(SmigError):
@@ -121,18 +121,25 @@ class RctcbClient:
         """The RC-TCB's event stream, ``(kind, data)`` per event, until it ends.
 
         Raises RctcbUnavailable when it cannot be opened or breaks off."""
-        kind = ""
         try:
             async with self._http.stream("GET", "/v1/events", timeout=httpx.Timeout(10.0, read=None)) as r:
                 if r.status_code != 200:
                     raise RctcbUnavailable(f"the RC-TCB's event stream answered {r.status_code}")
-                async for line in r.aiter_lines():
-                    if line.startswith("event:"):
-                        kind = line[6:].strip()
-                    elif line.startswith("data:"):
-                        try:
-                            yield kind, json.loads(line[5:])
-                        except ValueError:
-                            log.debug("unreadable event data: %r", line)
+                async for event in read_events(r.aiter_lines()):
+                    yield event
         except httpx.TransportError as e:
             raise RctcbUnavailable(f"the RC-TCB's event stream broke off: {e!r}") from e
+
+
+async def read_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Server-sent events from the lines of a ``/v1/events`` stream: ``(kind, data)`` per event;
+    comments are skipped, and so is data that is not JSON."""
+    kind = ""
+    async for line in lines:
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            try:
+                yield kind, json.loads(line[5:])
+            except ValueError:
+                log.debug("unreadable event data: %r", line)

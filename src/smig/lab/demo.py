@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smig.agent.rctcb_client import read_events
 from smig.hypervisor import heartbeat
 from smig.lab import region
 from smig.lab.host_attacks import attack_host
@@ -79,16 +80,11 @@ async def _follow(state: LabState, watch: Watch, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 async with op.stream("GET", "/v1/events", timeout=None) as r:
-                    kind = ""
-                    async for line in r.aiter_lines():
-                        if line.startswith("event:"):
-                            kind = line[6:].strip()
-                        elif line.startswith("data:"):
-                            data = json.loads(line[5:])
-                            watch.events.append((time.time(), kind, data))
-                            if kind.startswith("migration."):
-                                watch.progress[data["vm"]] = {"kind": kind, **data}
-                            watch.on_change(watch)
+                    async for kind, data in read_events(r.aiter_lines()):
+                        watch.events.append((time.time(), kind, data))
+                        if kind.startswith("migration."):
+                            watch.progress[data["vm"]] = {"kind": kind, **data}
+                        watch.on_change(watch)
             except Exception:  # the stream broke: reconnect while the demo runs
                 await asyncio.sleep(0.5)
 

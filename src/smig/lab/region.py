@@ -40,18 +40,18 @@ from typing import Any
 
 import httpx
 
-from smig.aim import procfs, reference
-from smig.aim.keys import generate_key, public_key_pem, save_private_key
+from smig.aim import procfs
+from smig.aim.keys import load_private_key, public_key_pem
 from smig.errors import ConfigError, SmigError
+from smig.hypervisor import process
 from smig.lab import net
 from smig.lab.inside import run_inside
+from smig.lab.lab_config import AGENT_PORT, RCTCB_PORT, agent_config, make_credentials, rctcb_config
 from smig.paths import smig_cache, smig_home
-from smig.rctcb.ca import Role, client_ssl_context, init_ca, issue_identity
+from smig.rctcb.ca import client_ssl_context
 
 log = logging.getLogger(__name__)
 
-RCTCB_PORT = 8443
-AGENT_PORT = 7443
 STATE = "lab.json"
 # Where network namespaces cannot be made: every part on this machine's loopback, one address each.
 LOOPBACK_SUBNET = "127.77.0.0/24"
@@ -142,99 +142,6 @@ def _spawn(netns: str | None, argv: list[str], log_file: Path, env: dict[str, st
     return proc.pid
 
 
-# -- credentials and configuration ---------------------------------------------------------------
-
-
-def _credentials(state: LabState) -> None:
-    network = state.network
-    ca_dir = state.path / "ca"
-    init_ca(ca_dir, f"lab-{state.lab}")
-    issue_identity(ca_dir, "rctcb", Role.RCTCB, ips=[network.rctcb.address])
-    issue_identity(ca_dir, "operator", Role.OPERATOR)
-    for host, node in network.hosts.items():
-        issue_identity(ca_dir, host, Role.AGENT, ips=[node.address])
-        home = state.host_home(host)
-        home.mkdir(parents=True, exist_ok=True)
-        save_private_key(generate_key(), home / "agent-key.pem")
-    ref = state.path / "reference"
-    key = generate_key()
-    manifest = reference.build([*reference.installed_qemu_files(), *reference.agent_files()])
-    reference.save(reference.sign(manifest, key), ref / "manifest.json")
-    (ref / "key.pub").write_bytes(public_key_pem(key))
-    state.manifest = reference.manifest_digest(manifest)
-
-
-def _rctcb_config(state: LabState) -> str:
-    ca = state.path / "ca"
-    node = state.network.rctcb
-    return f"""[rctcb]
-listen = "{node.address}:{RCTCB_PORT}"
-store = "sqlite:///{state.path / "rctcb" / "ivt.sqlite"}"
-ca = "{ca / "ca.pem"}"
-cert = "{ca / "issued" / "rctcb" / "cert.pem"}"
-key = "{ca / "issued" / "rctcb" / "key.pem"}"
-manifest = "{state.manifest}"
-
-[policy]
-kind = "{state.policy}"
-freshness_s = {max(10.0, 6 * state.interval_s)}
-
-[agents]
-{_fencing(state)}
-call_timeout_s = 30.0
-completion_timeout_floor_s = 60.0
-"""
-
-
-def _fencing(state: LabState) -> str:
-    if state.loopback:
-        return f'fencing = "home"\nfence_home = "{state.path}/hosts/{{host}}"'
-    return f'fencing = "netns"\nfence_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"'
-
-
-def _subjects(state: LabState) -> str:
-    if state.loopback:
-        return f'subject_home = "{state.path}/hosts/{{host}}"'
-    return f'subject_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"'
-
-
-def _agent_config(state: LabState, host: str, *, lie_about: Sequence[str] = (), ignore_orders: bool = False) -> str:
-    ca = state.path / "ca"
-    node = state.network.hosts[host]
-    home = state.host_home(host)
-    return f"""[agent]
-host = "{host}"
-region = "lab-{state.lab}"
-rctcb = "{state.rctcb_url}"
-listen = "{node.address}:{AGENT_PORT}"
-home = "{home}"
-cache = "{smig_cache()}"
-ca = "{ca / "ca.pem"}"
-cert = "{ca / "issued" / host / "cert.pem"}"
-key = "{ca / "issued" / host / "key.pem"}"
-signing_key = "{home / "agent-key.pem"}"
-capacity_vcpus = 4
-capacity_memory_mib = 4096
-
-[monitor]
-reference = "{state.path / "reference" / "manifest.json"}"
-reference_key = "{state.path / "reference" / "key.pub"}"
-mean_interval_s = {state.interval_s}
-{_subjects(state)}
-
-[migration]
-tls = true
-""" + (
-        f"""
-[lab]
-lie_about = {json.dumps(list(lie_about))}
-ignore_orders = {"true" if ignore_orders else "false"}
-"""
-        if lie_about or ignore_orders
-        else ""
-    )
-
-
 # -- the operator's client (use inside the RC-TCB's namespace) ----------------------------------
 
 
@@ -295,16 +202,7 @@ async def _enrol_all(state: LabState) -> None:
 
 
 def _agent_key(state: LabState, host: str) -> Any:
-    from smig.aim.keys import load_private_key
-
     return load_private_key(state.host_home(host) / "agent-key.pem")
-
-
-async def rows(state: LabState) -> dict[str, dict[str, Any]]:
-    async with operator_client(state) as op:
-        r = await op.get("/v1/hosts")
-        r.raise_for_status()
-        return {h["host"]: h for h in r.json()["hosts"]}
 
 
 async def wait_ready(state: LabState, timeout_s: float, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
@@ -315,13 +213,13 @@ async def wait_ready(state: LabState, timeout_s: float, progress: Callable[[str]
         while True:
             try:
                 hosts = {h["host"]: h for h in (await op.get("/v1/hosts")).json()["hosts"]}
-                audit_vms = await _placed(op)
+                placed = {v["name"] for v in (await op.get("/v1/vms")).json()["vms"]}
             except (httpx.TransportError, KeyError, ValueError):
-                hosts, audit_vms = {}, {}
+                hosts, placed = {}, set()
             waiting = [
                 h for h in state.hosts if hosts.get(h, {}).get("state") != "trusted" or not hosts[h].get("verified_at")
             ]
-            unplaced = [vm for vm in state.vms if vm not in audit_vms]
+            unplaced = [vm for vm in state.vms if vm not in placed]
             if not waiting and not unplaced:
                 return hosts
             now = f"waiting for {', '.join(waiting) or 'no host'} to be verified, {len(unplaced)} VM(s) to be reported"
@@ -331,26 +229,6 @@ async def wait_ready(state: LabState, timeout_s: float, progress: Callable[[str]
             if time.monotonic() > deadline:
                 raise LabStateError(f"the region was not ready within {timeout_s:.0f} s: {now}; see {state.path}/*.log")
             await asyncio.sleep(0.5)
-
-
-async def _placed(op: httpx.AsyncClient) -> dict[str, str]:
-    """VM → host, as the IVT's inventory entries last placed them (read from the audit log)."""
-    placed: dict[str, str] = {}
-    since = 0
-    while True:
-        r = await op.get("/v1/audit", params={"since": since, "limit": 10000})
-        entries = r.json()["entries"]
-        for e in entries:
-            if e["kind"] == "inventory.changed":
-                for vm in [v for v, h in placed.items() if h == e["subject"]]:
-                    del placed[vm]
-                for vm in e["body"]["vms"]:
-                    placed[vm] = e["subject"]
-            elif e["kind"] == "migration.done":
-                placed[e["subject"]] = e["body"]["target"]
-        if len(entries) < 10000:
-            return placed
-        since = entries[-1]["seq"]
 
 
 # -- up and down ---------------------------------------------------------------------------------
@@ -401,9 +279,9 @@ def up(
             )
             net.create(state.network, link=link_model)
         progress("credentials: region CA, certificates, agent keys, reference manifest")
-        _credentials(state)
+        make_credentials(state)
         (directory / "rctcb").mkdir()
-        (directory / "rctcb.toml").write_text(_rctcb_config(state))
+        (directory / "rctcb.toml").write_text(rctcb_config(state))
         start_rctcb(state)
         state.save()
         progress("RC-TCB starting; enrolling the hosts")
@@ -453,7 +331,7 @@ def start_agent(state: LabState, host: str, *, lie_about: Sequence[str] = (), ig
     """Start ``host``'s agent (after :func:`stop_process` of the old one, to restart it); with
     ``lie_about``/``ignore_orders`` it is the lab's compromised agent. Returns its pid."""
     home = state.host_home(host)
-    config = _agent_config(state, host, lie_about=lie_about, ignore_orders=ignore_orders)
+    config = agent_config(state, host, lie_about=lie_about, ignore_orders=ignore_orders)
     (home / "agent.toml").write_text(config)
     pid = _spawn(
         state.netns_of(state.network.hosts[host]),
@@ -552,22 +430,14 @@ def _sweep(directory: Path, term_timeout_s: float = 3.0) -> list[int]:
         if any(needle in arg for arg in argv):
             found.append(int(entry.name))
     for sig, wait in ((signal.SIGTERM, term_timeout_s), (signal.SIGKILL, 5.0)):
-        alive = [pid for pid in found if _alive(pid)]
+        alive = [pid for pid in found if process.alive(pid)]
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(pid) for pid in alive):
+        while time.monotonic() < deadline and any(process.alive(pid) for pid in alive):
             time.sleep(0.05)
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting for a parent that will never reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _undo_quietly(record: dict[str, Any]) -> None:

@@ -266,6 +266,23 @@ def _agents(config: ServiceConfig, region: Region) -> AgentDirectory:
     return HttpAgentDirectory(address_of, context, fencer, timeout_s=config.orchestrator.call_timeout_s)
 
 
+def mutual_tls_config(app: Any, context: ssl.SSLContext) -> uvicorn.Config:
+    """uvicorn's settings for a service behind mutual TLS (the RC-TCB, an agent's orders API):
+    the client certificate in each request's scope, no logging of its own, no lifespan events."""
+    return uvicorn.Config(
+        app,
+        http=PeerCertProtocol,
+        ssl_context_factory=lambda _config, _default: context,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        # Agents batch reports over several rounds, and the RC-TCB polls its agents every fraction
+        # of a second: keep their TLS sessions across that.
+        timeout_keep_alive=75,
+    )
+
+
 class NotifyingServer(uvicorn.Server):
     """uvicorn's server, telling when it has started listening."""
 
@@ -323,17 +340,7 @@ async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | No
         app.state.cancel_order = orchestrator.cancel
         app.state.effect_hooks.append(evacuations.on_effects)
         sock = _bind(config.host, config.port)
-        uv = uvicorn.Config(
-            app,
-            http=PeerCertProtocol,
-            ssl_context_factory=lambda _config, _default: context,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=5,
-            # Agents batch reports over several measurement rounds; keep their TLS sessions across that.
-            timeout_keep_alive=75,
-        )
+        uv = mutual_tls_config(app, context)
         port = sock.getsockname()[1]
         server = _Server(uv, lambda: ready(config.host, port) if ready is not None else None)
         clock = asyncio.create_task(_clock(app.state.tick, config.tick_interval_s))
