@@ -88,7 +88,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="500 hosts and an 8 s timed phase (under a minute)")
     ap.add_argument("--hosts", type=int, help="hosts in the region (default 5000; 500 with --quick)")
-    ap.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    ap.add_argument("--clients", type=int, default=LoadConfig.clients, help="concurrent clients (requests in flight)")
     ap.add_argument("--rounds-per-batch", type=int, default=10, help="rounds of one agent's reports per request")
     ap.add_argument("--duration", type=float, help="seconds the timed phase should last (default 30; 8 quick)")
     ap.add_argument("--connections", choices=[c.value for c in Connections], default=Connections.PERSISTENT.value)

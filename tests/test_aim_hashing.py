@@ -78,6 +78,44 @@ def test_parallel_leaves_equal_serial_hashing(tmp_path: Path, algorithm: HashAlg
         assert reader.worker_cpu_s > 0, "the hashing threads' CPU time is counted for the monitor's budget"
 
 
+def _flat(algorithm: HashAlgorithm, data: bytes) -> str:
+    return blake3.blake3(data).hexdigest() if algorithm is HashAlgorithm.BLAKE3 else hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("algorithm", list(HashAlgorithm))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_flat_digests_equal_one_serial_hash_of_each_input(algorithm: HashAlgorithm, threads: int) -> None:
+    # Sizes on both sides of the point where BLAKE3 hashes on its own threads (1 MiB), and empty.
+    pieces = [os.urandom(n) for n in (0, 1, 1000, LEAF, (1 << 20) - 1, 1 << 20, 3 * (1 << 20) + 17)]
+    reader = Reader(algorithm, LEAF, 4 * LEAF, threads=threads)
+    try:
+        got = reader.flat_digests([memoryview(p) for p in pieces])
+    finally:
+        reader.close()
+    assert got == [_flat(algorithm, p) for p in pieces]
+    assert reader.bytes_read == sum(map(len, pieces))
+    if algorithm is HashAlgorithm.BLAKE3:
+        assert reader.worker_cpu_s > 0, "BLAKE3's own threads are charged to the monitor's budget"
+
+
+@pytest.mark.parametrize("algorithm", list(HashAlgorithm))
+def test_a_copied_range_gets_its_flat_digest_in_the_same_pass(tmp_path: Path, algorithm: HashAlgorithm) -> None:
+    data = os.urandom(40 * LEAF + 123)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    # A range spanning several read batches, one sharing a batch with another, one short tail.
+    ranges = [(0, 9 * LEAF + 10), (10 * LEAF, 100), (11 * LEAF, 29 * LEAF + 123)]
+    reader = Reader(algorithm, LEAF, 4 * LEAF, threads=2)
+    try:
+        with path.open("rb", buffering=0) as f, reader.batch(FileSource(f.fileno())) as batch:
+            indexes = [batch.add_range(s, n) for s, n in ranges]
+            leaves = batch.finish()
+    finally:
+        reader.close()
+    assert [batch.flat_digest(i) for i in indexes] == [_flat(algorithm, data[s : s + n]) for s, n in ranges]
+    assert leaves == [_expected(algorithm, data, s, n) for s, n in ranges]
+
+
 def test_a_short_file_is_an_error_unless_padded(tmp_path: Path) -> None:
     path = tmp_path / "short"
     path.write_bytes(b"x" * 100)

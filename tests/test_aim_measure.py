@@ -3,6 +3,7 @@ attack is detected and named by module and offset range."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -54,6 +55,23 @@ def test_a_healthy_qemu_equals_the_bytes_of_its_files(home: Path, manifest: Mani
     assert len(result.targets) == len(file_backed) + 1
     assert result.bytes >= sum(m.length for m in file_backed)
     assert any("TCG" in n for n in result.notes)
+
+
+def test_a_reference_digest_that_disagrees_is_a_mismatch_even_where_every_leaf_agrees(
+    home: Path, manifest: Manifest
+) -> None:
+    # A mapping whose flat digest equals the reference's is settled without its leaves, so the
+    # flat digest must be what decides: here only it is wrong, and the whole segment is named.
+    path = next(p for p in manifest.modules if Path(p).name.startswith("libglib-2.0.so"))
+    module = manifest.modules[path]
+    seg = module.segments[0]
+    wrong = dataclasses.replace(seg, digest="00" * 32)
+    modules = {**manifest.modules, path: dataclasses.replace(module, segments=(wrong, *module.segments[1:]))}
+    doctored = dataclasses.replace(manifest, modules=modules)
+    with bare_qemu(marker_dir=home) as pid:
+        result = Measurer(doctored).measure([pid])
+    assert [(x.path, x.offset, x.length) for x in result.mismatches] == [(path, seg.offset, seg.length)]
+    assert "hashed again by leaves" in result.mismatches[0].reason
 
 
 def test_sha256_references_work_the_same(home: Path) -> None:

@@ -1,8 +1,11 @@
-"""The hashing AIM does: leaf digests over fixed-size pieces, a digest per target, a root per host.
+"""The hashing AIM does: a flat digest per target, leaf digests over fixed-size pieces, a root per host.
 
-A target's digest is the hash of its leaf digests, and a host's root is the hash of its sorted
-(target, digest) pairs: a Merkle tree two levels deep. Comparing leaves with the reference names
-the changed range to within one leaf, without the monitor ever holding the reference bytes.
+A target's digest is the hash of its bytes as one input (:func:`flat_digest`: BLAKE3's own tree,
+hashed on every core as ``b3sum`` does, or SHA-256), and a host's root is the hash of its sorted
+(target, digest) pairs. Equal flat digests settle a target in one call. Only a target whose flat
+digest differs from the reference is hashed again in leaves of ``LEAF_SIZE``: comparing those with
+the reference's names the changed range to within one leaf, without the monitor ever holding the
+reference bytes.
 
 Bytes are read in batches of up to 4 MiB into two reused buffers, never into Python objects. Their
 leaves go into one queue that the hashing threads and the caller all take from (BLAKE3 and SHA-256
@@ -36,6 +39,31 @@ def _leaf(algorithm: HashAlgorithm, data: memoryview | bytes) -> bytes:
     if algorithm is HashAlgorithm.BLAKE3:
         return blake3.blake3(data).digest()
     return hashlib.sha256(data).digest()
+
+
+# Below this, BLAKE3 on one thread is faster than handing the input to its thread pool.
+_MULTITHREAD_MIN = 1 << 20
+
+
+def flat_hasher(algorithm: HashAlgorithm) -> Hasher:
+    return blake3.blake3(max_threads=blake3.blake3.AUTO) if algorithm is HashAlgorithm.BLAKE3 else hashlib.sha256()
+
+
+def flat_digest(algorithm: HashAlgorithm, data: memoryview | bytes) -> str:
+    """The digest of ``data`` as one input: what a target's digest is (see the module docstring).
+
+    A large input is hashed with BLAKE3's own threads, which split its tree across every core
+    (``b3sum`` does the same); SHA-256 has no parallel form."""
+    if algorithm is HashAlgorithm.BLAKE3:
+        threads = blake3.blake3.AUTO if len(data) >= _MULTITHREAD_MIN else 1
+        return blake3.blake3(data, max_threads=threads).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+class Hasher(Protocol):
+    def update(self, data: memoryview | bytes, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
 
 
 def combine(algorithm: HashAlgorithm, parts: Iterable[bytes]) -> bytes:
@@ -156,9 +184,12 @@ class Reader:
         return self.hash_ranges(FileSource(fd, pad=pad), [(start, length)])[0]
 
     def file_digest(self, fd: int) -> str:
-        """The digest of a whole file: the combination of its leaves."""
+        """The flat digest of a whole file."""
         size = os.fstat(fd).st_size
-        return combine(self.algorithm, self.leaves(fd, 0, size, pad=True)).hex()
+        with self.batch(FileSource(fd, pad=True)) as batch:
+            index = batch.add_range(0, size, leaves=False)
+            batch.finish()
+        return batch.flat_digest(index)
 
     def hash_ranges(self, source: Source, ranges: Sequence[Range]) -> list[list[bytes]]:
         """The leaf digests of each range, in order. Errors of ``source.read`` propagate."""
@@ -166,6 +197,48 @@ class Reader:
             for start, length in ranges:
                 batch.add_range(start, length)
             return batch.finish()
+
+    def flat_digests(self, views: Sequence[memoryview]) -> list[str]:
+        """The flat digest of each view, in order.
+
+        Large views go one at a time through BLAKE3's own threads; the small ones are shared out
+        between this Reader's threads (each call releases the GIL). BLAKE3's threads are not on
+        this Reader's clock, so the process's CPU time over those calls is charged to
+        :attr:`worker_cpu_s`, less the caller's own: anything else the process ran meanwhile is
+        charged too, which errs toward measuring less often, never more.
+        """
+        out = [""] * len(views)
+        parallel = self.algorithm is HashAlgorithm.BLAKE3
+        big = [i for i, v in enumerate(views) if parallel and len(v) >= _MULTITHREAD_MIN]
+        small = sorted(set(range(len(views))) - set(big), key=lambda i: -len(views[i]))
+        shares: list[list[int]] = [[] for _ in range(self.threads)]
+        loads = [0] * self.threads
+        for i in small:  # largest first, each to the least loaded thread
+            k = loads.index(min(loads))
+            shares[k].append(i)
+            loads[k] += len(views[i])
+
+        def hash_share(share: list[int]) -> float:
+            cpu0 = time.thread_time()
+            for i in share:
+                out[i] = flat_digest(self.algorithm, views[i])
+            return time.thread_time() - cpu0
+
+        if big:  # first, alone: BLAKE3's threads take every core, and only their time is in this window
+            process0, thread0 = time.process_time(), time.thread_time()
+            for i in big:
+                out[i] = flat_digest(self.algorithm, views[i])
+            self.worker_cpu_s += max(0.0, (time.process_time() - process0) - (time.thread_time() - thread0))
+        futures = []
+        if self.threads > 1 and any(shares[1:]):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="aim-hash")
+            futures = [self._pool.submit(hash_share, share) for share in shares[1:] if share]
+        hash_share(shares[0])
+        for f in futures:
+            self.worker_cpu_s += f.result()
+        self.bytes_read += sum(len(v) for v in views)
+        return out
 
     def batch(self, source: Source) -> HashBatch:
         """A pass that hashes views as they are added and ranges of ``source`` when it finishes."""
@@ -233,7 +306,9 @@ class HashBatch:
         self._source = source
         self._results: list[list[bytes]] = []
         self._ranges: list[tuple[int, int, int]] = []  # (result index, start, length)
+        self._flat_only: set[int] = set()  # result indexes of ranges that get no leaves
         self._views: list[_Job] = []
+        self._flat: dict[int, Hasher] = {}  # result index -> the flat hash of a range, fed as it is read
 
     def __enter__(self) -> HashBatch:
         return self
@@ -256,11 +331,21 @@ class HashBatch:
         self._reader.bytes_read += len(view)
         return index
 
-    def add_range(self, start: int, length: int) -> int:
-        """Read ``length`` bytes at ``start`` from the source at ``finish``; returns its index."""
-        index = self._slot(length)
+    def add_range(self, start: int, length: int, *, leaves: bool = True) -> int:
+        """Read ``length`` bytes at ``start`` from the source at ``finish``; returns its index.
+
+        Its flat digest is computed in the same pass (:meth:`flat_digest`); without ``leaves``
+        only that, and its leaf list in ``finish``'s result stays empty."""
+        index = self._slot(length if leaves else 0)
         self._ranges.append((index, start, length))
+        self._flat[index] = flat_hasher(self._reader.algorithm)
+        if not leaves:
+            self._flat_only.add(index)
         return index
+
+    def flat_digest(self, index: int) -> str:
+        """After :meth:`finish`: the flat digest of the range added as ``index``."""
+        return self._flat[index].hexdigest()
 
     def finish(self) -> list[list[bytes]]:
         reader = self._reader
@@ -276,7 +361,8 @@ class HashBatch:
             at = 0
             for r, off, n in batch:
                 index = self._ranges[r][0]
-                for i in range(0, n, leaf):
+                self._flat[index].update(view[at : at + n])  # pieces of a range come in order
+                for i in range(0, 0 if index in self._flat_only else n, leaf):
                     jobs.append((view[at + i : at + min(i + leaf, n)], index, (off + i) // leaf))
                 at += n
                 reader.bytes_read += n

@@ -3,7 +3,8 @@ the reference manifest, and say exactly what differs.
 
 Per process, every executable mapping is judged:
 
-- a file-backed mapping must be a segment the manifest knows, leaf for leaf;
+- a file-backed mapping must be a segment the manifest knows, with its digest (when it does not
+  match, its leaves are hashed and compared to name the range that differs);
 - ``[vdso]`` must hash to a digest the manifest accepts for the kernel; ``[vsyscall]`` is an
   execute-only page the kernel emulates and cannot be read, so it is only checked for being where
   and what it always is;
@@ -31,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smig.aim import procfs
-from smig.aim.hashing import DEFAULT_THREADS, Reader, combine, root
+from smig.aim.hashing import DEFAULT_THREADS, Reader, root
 from smig.aim.procfs import PAGE, MemoryMapping
-from smig.aim.reference import Manifest
+from smig.aim.reference import Manifest, SegmentRef
 from smig.aim.shadow import Shadow
 from smig.errors import ProcessGone
 from smig.model import Mismatch, TargetDigest, Verdict
@@ -185,9 +186,12 @@ class Measurer:
         # QEMU allocates the TCG buffer before it loads the accelerator module, so a process just
         # starting may hold the buffer without the module: then it must at least not be using KVM.
         tcg_buffers = 1 if procfs.uses_tcg(maps) or not procfs.uses_kvm(pid) else 0
-        # Decide what to hash (clean code in place, the rest copied in batches), hash it all in one
-        # pass on every thread, then judge, which needs every digest.
-        todo: list[tuple[MemoryMapping, str, list[int]]] = []
+        # Decide what to hash: clean code in place, the rest copied in batches. Every mapping gets
+        # its flat digest first; only a module's mapping whose digest differs from the reference's
+        # is hashed again, in leaves, to name the range. Then judge, which needs every digest.
+        todo: list[tuple[MemoryMapping, str, list[int], int, str]] = []  # (.., leaves' index or -1, digest)
+        in_place: list[tuple[MemoryMapping, str, memoryview]] = []
+        copied: list[tuple[MemoryMapping, str, list[int], int]] = []
         with contextlib.ExitStack() as stack:
             memory = stack.enter_context(procfs.ProcessMemory(pid))
             pagemap = stack.enter_context(procfs.PageMap(pid)) if self._wants_pagemap else None
@@ -219,18 +223,36 @@ class Measurer:
                     if self._shadow is not None and not private:
                         view = self._shadow.view(pid, m, entries)
                 if view is not None:
-                    batch.add_view(view)
+                    in_place.append((m, target, view))
                     self._in_place_bytes += len(view)
                 else:
-                    batch.add_range(m.start, m.length)
-                todo.append((m, target, private))
+                    copied.append((m, target, private, batch.add_range(m.start, m.length, leaves=False)))
+            flats = self._reader.flat_digests([view for _, _, view in in_place])
             try:
-                all_leaves = batch.finish()
+                batch.finish()
+            except EOFError as e:
+                raise ProcessGone(pid, f"process {pid} exited or unmapped code while it was measured") from e
+            digests: list[tuple[MemoryMapping, str, list[int], str, memoryview | None]] = [
+                (m, t, [], flat, view) for (m, t, view), flat in zip(in_place, flats, strict=True)
+            ]
+            digests += [(m, t, private, batch.flat_digest(i), None) for m, t, private, i in copied]
+            # Leaves only where a module's digest differs: from the same view, or read again.
+            again = stack.enter_context(self._reader.batch(memory))
+            for m, target, private, digest, view in digests:
+                seg = self._segment(m)
+                if seg is not None and digest == seg.digest:
+                    todo.append((m, target, private, -1, digest))
+                elif m.anonymous or m.kernel_page or seg is None:
+                    todo.append((m, target, private, -1, digest))  # judged without leaves
+                else:
+                    index = again.add_view(view) if view is not None else again.add_range(m.start, m.length)
+                    todo.append((m, target, private, index, digest))
+            try:
+                all_leaves = again.finish()
             except EOFError as e:
                 # The process unmapped a range as we read it, or exited: either way not a mismatch.
                 raise ProcessGone(pid, f"process {pid} exited or unmapped code while it was measured") from e
-        for (m, target, private), leaves in zip(todo, all_leaves, strict=True):
-            digest = combine(self.manifest.algorithm, leaves).hex()
+        for m, target, private, index, digest in todo:
             out.targets.append(TargetDigest(target, digest))
             if m.anonymous and not m.kernel_page:
                 continue  # already a mismatch; its digest is evidence
@@ -240,7 +262,7 @@ class Measurer:
                         Mismatch(m.path, 0, m.length, "kernel page differs from the reference kernel's", pid)
                     )
                 continue
-            ok = self._judge_module(pid, m, leaves, out)
+            ok = self._judge_module(pid, m, digest, all_leaves[index] if index >= 0 else [], out)
             if ok and not private:
                 shared[(m.device, m.inode, m.offset, m.length)] = digest
             if self.cow_check:
@@ -276,17 +298,24 @@ class Measurer:
         mine = read(wanted[:half])
         return {m.start: e for m, e in zip(wanted, mine + other.result(), strict=True)}
 
-    def _judge_module(self, pid: int, m: MemoryMapping, leaves: list[bytes], out: _Round) -> bool:
+    def _segment(self, m: MemoryMapping) -> SegmentRef | None:
+        """The reference segment ``m`` maps, if the manifest knows its module and it fits exactly."""
         module = self.manifest.modules.get(m.path)
-        if module is None:
+        seg = module.segment_at(m.offset) if module is not None else None
+        return seg if seg is not None and seg.length == m.length else None
+
+    def _judge_module(self, pid: int, m: MemoryMapping, digest: str, leaves: list[bytes], out: _Round) -> bool:
+        if m.path not in self.manifest.modules:
             out.mismatches.append(Mismatch(m.path, m.offset, m.length, "module not in the reference manifest", pid))
             return False
-        seg = module.segment_at(m.offset)
-        if seg is None or seg.length != m.length:
+        seg = self._segment(m)
+        if seg is None:
             out.mismatches.append(
                 Mismatch(m.path, m.offset, m.length, "mapping does not match any reference segment", pid)
             )
             return False
+        if digest == seg.digest:
+            return True
         differ = [i for i, (a, b) in enumerate(zip(leaves, seg.leaves, strict=True)) if a.hex() != b]
         leaf = self.manifest.leaf_size
         for first, count in _runs(differ):
@@ -294,7 +323,13 @@ class Measurer:
             out.mismatches.append(
                 Mismatch(m.path, m.offset + first * leaf, length, "code differs from the reference", pid)
             )
-        return not differ
+        if not differ:
+            reason = (
+                "code differed from the reference when hashed whole, not when hashed again by leaves "
+                "(a change undone meanwhile, or a manifest whose leaves disagree with its digest)"
+            )
+            out.mismatches.append(Mismatch(m.path, m.offset, m.length, reason, pid))
+        return False
 
     # -- files on disk ---------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 A manifest is built from binaries on a machine the operator trusts (the installed QEMU and every
 library and module it loads, or an unpacked package), never from a host being judged. For each
-ELF file it holds the digest of every executable segment as the loader will map it, leaf by leaf,
-so a changed byte in memory is placed to within one leaf; for every file (ELF or firmware or the
+ELF file it holds the digest of every executable segment as the loader will map it, whole (its
+flat digest, which settles a matching mapping in one hash) and leaf by leaf, so a changed byte in
+memory is placed to within one leaf; for every file (ELF or firmware or the
 agent's own code) the digest of the file on disk. It is signed with the operator's Ed25519 key,
 and the RC-TCB holds the approved copy.
 
@@ -32,12 +33,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 import smig
 from smig.aim import elf, procfs
-from smig.aim.hashing import LEAF_SIZE, Reader, combine
+from smig.aim.hashing import LEAF_SIZE, FileSource, Reader, flat_digest
 from smig.aim.keys import ensure_private_key, load_public_key_pem, public_key_pem
 from smig.errors import ConfigError, ManifestError
 from smig.model import HashAlgorithm
 
-FORMAT = 1
+FORMAT = 2  # 2: a segment's digest is its flat digest (smig.aim.hashing), not the hash of its leaves
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_MODULE_DIR = Path("/usr/lib/x86_64-linux-gnu/qemu")
 # What an x86 VM can load besides code: SeaBIOS, the option ROMs and boot stubs QEMU ships.
@@ -58,7 +59,7 @@ TCG_BUFFER_MAX = 1 << 30
 
 @dataclass(frozen=True)
 class SegmentRef:
-    """An executable segment of a module: where it is mapped from, and its leaf digests."""
+    """An executable segment of a module: where it is mapped from, its flat digest and its leaf digests."""
 
     offset: int
     length: int
@@ -204,7 +205,7 @@ def own_vdso(reader: Reader) -> str | None:
     for m in procfs.executable_mappings(os.getpid()):
         if m.path == "[vdso]":
             with open("/proc/self/mem", "rb", buffering=0) as mem:
-                return combine(reader.algorithm, reader.leaves(mem.fileno(), m.start, m.length)).hex()
+                return flat_digest(reader.algorithm, os.pread(mem.fileno(), m.length, m.start))
     return None
 
 
@@ -215,11 +216,14 @@ def _hash_file(reader: Reader, path: Path) -> tuple[str, ModuleRef | None]:
             digest = reader.file_digest(f.fileno())
             if not elf.is_elf(path):
                 return digest, None
-            segments = []
-            for seg in elf.executable_segments(path):
-                leaves = reader.leaves(f.fileno(), seg.offset, seg.length, pad=True)
-                whole = combine(reader.algorithm, leaves).hex()
-                segments.append(SegmentRef(seg.offset, seg.length, whole, tuple(x.hex() for x in leaves)))
+            found = elf.executable_segments(path)
+            with reader.batch(FileSource(f.fileno(), pad=True)) as batch:
+                indexes = [batch.add_range(seg.offset, seg.length) for seg in found]
+                leaves = batch.finish()
+            segments = [
+                SegmentRef(seg.offset, seg.length, batch.flat_digest(i), tuple(x.hex() for x in leaves[i]))
+                for seg, i in zip(found, indexes, strict=True)
+            ]
     except OSError as e:
         raise ManifestError(f"cannot read {path}: {e.strerror or e}") from e
     return digest, (ModuleRef(str(path), tuple(segments)) if segments else None)

@@ -27,7 +27,9 @@ def ingest(
     hosts: int | None = typer.Option(
         None, "--hosts", min=3, help="Hosts in the region (default 5000; 500 with --quick)."
     ),
-    clients: int = typer.Option(4, "--clients", min=1, help="Concurrent clients sending batches."),
+    clients: int = typer.Option(
+        LoadConfig.clients, "--clients", min=1, help="Concurrent clients sending batches (requests in flight)."
+    ),
     rounds_per_batch: int = typer.Option(
         10, "--rounds-per-batch", min=1, help="Rounds of one agent's reports per request (x its 2 subjects)."
     ),

@@ -29,7 +29,7 @@ from typing import Any
 
 import uvicorn
 from cryptography import x509
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from smig.errors import ConfigError, HypervisorError
 from smig.ivt.base import open_store
@@ -196,8 +196,11 @@ def load_config(path: Path) -> ServiceConfig:
     return parse_config(text, source=str(path))
 
 
-class PeerCertProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, plus the verified client certificate in every request's scope."""
+class PeerCertProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, plus the verified client certificate in every request's scope.
+
+    On httptools (llhttp, in C) rather than h11 (pure Python): parsing requests was the largest
+    part of a report batch's cost beyond judging it (``bench/ingest.py``)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
