@@ -45,17 +45,20 @@ def _leaf(algorithm: HashAlgorithm, data: memoryview | bytes) -> bytes:
 _MULTITHREAD_MIN = 1 << 20
 
 
-def flat_hasher(algorithm: HashAlgorithm) -> Hasher:
-    return blake3.blake3(max_threads=blake3.blake3.AUTO) if algorithm is HashAlgorithm.BLAKE3 else hashlib.sha256()
+def flat_hasher(algorithm: HashAlgorithm, *, parallel: bool = True) -> Hasher:
+    """An incremental flat hash; ``parallel`` lets BLAKE3 hash large updates on its own threads."""
+    if algorithm is HashAlgorithm.BLAKE3:
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if parallel else 1)
+    return hashlib.sha256()
 
 
-def flat_digest(algorithm: HashAlgorithm, data: memoryview | bytes) -> str:
+def flat_digest(algorithm: HashAlgorithm, data: memoryview | bytes, *, parallel: bool = True) -> str:
     """The digest of ``data`` as one input: what a target's digest is (see the module docstring).
 
-    A large input is hashed with BLAKE3's own threads, which split its tree across every core
-    (``b3sum`` does the same); SHA-256 has no parallel form."""
+    With ``parallel``, a large input is hashed on BLAKE3's own threads, which split its tree
+    across every core (``b3sum`` does the same); SHA-256 has no parallel form."""
     if algorithm is HashAlgorithm.BLAKE3:
-        threads = blake3.blake3.AUTO if len(data) >= _MULTITHREAD_MIN else 1
+        threads = blake3.blake3.AUTO if parallel and len(data) >= _MULTITHREAD_MIN else 1
         return blake3.blake3(data, max_threads=threads).hexdigest()
     return hashlib.sha256(data).hexdigest()
 
@@ -201,14 +204,15 @@ class Reader:
     def flat_digests(self, views: Sequence[memoryview]) -> list[str]:
         """The flat digest of each view, in order.
 
-        Large views go one at a time through BLAKE3's own threads; the small ones are shared out
-        between this Reader's threads (each call releases the GIL). BLAKE3's threads are not on
+        Large views go one at a time through BLAKE3's own threads (unless this Reader has only
+        one); the small ones are shared out between this Reader's threads (each call releases
+        the GIL). BLAKE3's threads are not on
         this Reader's clock, so the process's CPU time over those calls is charged to
         :attr:`worker_cpu_s`, less the caller's own: anything else the process ran meanwhile is
         charged too, which errs toward measuring less often, never more.
         """
         out = [""] * len(views)
-        parallel = self.algorithm is HashAlgorithm.BLAKE3
+        parallel = self.algorithm is HashAlgorithm.BLAKE3 and self.threads > 1
         big = [i for i, v in enumerate(views) if parallel and len(v) >= _MULTITHREAD_MIN]
         small = sorted(set(range(len(views))) - set(big), key=lambda i: -len(views[i]))
         shares: list[list[int]] = [[] for _ in range(self.threads)]
@@ -221,7 +225,7 @@ class Reader:
         def hash_share(share: list[int]) -> float:
             cpu0 = time.thread_time()
             for i in share:
-                out[i] = flat_digest(self.algorithm, views[i])
+                out[i] = flat_digest(self.algorithm, views[i], parallel=False)
             return time.thread_time() - cpu0
 
         if big:  # first, alone: BLAKE3's threads take every core, and only their time is in this window
@@ -307,6 +311,7 @@ class HashBatch:
         self._results: list[list[bytes]] = []
         self._ranges: list[tuple[int, int, int]] = []  # (result index, start, length)
         self._flat_only: set[int] = set()  # result indexes of ranges that get no leaves
+        self._views_added = False
         self._views: list[_Job] = []
         self._flat: dict[int, Hasher] = {}  # result index -> the flat hash of a range, fed as it is read
 
@@ -325,6 +330,7 @@ class HashBatch:
         """Hash ``view`` where it lies; returns its index in ``finish``'s result."""
         leaf = self._reader.leaf_size
         index = self._slot(len(view))
+        self._views_added = True
         self._reader._queue_jobs(
             [(view[i : i + leaf], index, i // leaf) for i in range(0, len(view), leaf)], self._results
         )
@@ -338,7 +344,7 @@ class HashBatch:
         only that, and its leaf list in ``finish``'s result stays empty."""
         index = self._slot(length if leaves else 0)
         self._ranges.append((index, start, length))
-        self._flat[index] = flat_hasher(self._reader.algorithm)
+        self._flat[index] = flat_hasher(self._reader.algorithm, parallel=self._reader.threads > 1)
         if not leaves:
             self._flat_only.add(index)
         return index
@@ -352,6 +358,9 @@ class HashBatch:
         leaf = reader.leaf_size
         batches = plan_batches([length for _, _, length in self._ranges], leaf, reader.read_size)
         reader._queue_jobs(self._views, self._results)  # hashed while the ranges are read
+        # Flat hashes only, no leaves: the one CPU not on a clock of ours is BLAKE3's threads'.
+        charge = not self._views_added and len(self._flat_only) == len(self._ranges) and reader.threads > 1
+        process0, thread0 = time.process_time(), time.thread_time()
         for k, batch in enumerate(batches):
             if k >= len(reader._buffers):
                 reader._finish()  # every leaf queued so far is hashed: the buffer can be reused
@@ -368,4 +377,6 @@ class HashBatch:
                 reader.bytes_read += n
             reader._queue_jobs(jobs, self._results)
         reader._finish()
+        if charge:
+            reader.worker_cpu_s += max(0.0, (time.process_time() - process0) - (time.thread_time() - thread0))
         return self._results

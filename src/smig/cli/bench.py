@@ -3,17 +3,68 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import typer
 from rich import box
+from rich.markdown import Markdown
 from rich.table import Table
 
 from smig.cli.common import emit_json, err, fail, out
 from smig.errors import SmigError
 from smig.rctcb.loadgen import GOAL_PER_S, QUICK, Connections, IngestResult, LoadConfig, run_ingest
 
-app = typer.Typer(help="Benchmarks of SMIG's services, run against the real thing.", no_args_is_help=True)
+app = typer.Typer(
+    help="SMIG's evaluation: each benchmark prints its figures, its goal and a baseline measured in the same run. "
+    "`make bench` runs them all and rewrites docs/BENCHMARKS.md.",
+    no_args_is_help=True,
+)
+
+_QUICK = typer.Option(False, "--quick", help="A few small cases: the whole benchmark in about a minute.")
+_JSON = typer.Option(False, "--json", help="Print one JSON object of the figures (for scripts).")
+
+
+def _run(name: str, quick: bool, as_json: bool) -> dict[str, Any]:
+    """Run ``smig.bench.<name>``, print its figures (Markdown, or JSON), return them."""
+    module = importlib.import_module(f"smig.bench.{name}")
+    runner: Callable[..., dict[str, Any]] = module.run
+    try:
+        result = runner(quick=quick, progress=lambda m: err.print(f"[dim]… {m}[/dim]"))
+    except SmigError as e:
+        fail(e.message)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(Markdown(module.markdown(result)))
+    return result
+
+
+@app.command("measure")
+def measure(quick: bool = _QUICK, as_json: bool = _JSON) -> None:
+    """Time AIM's measurement of one QEMU process against b3sum over the same bytes.
+
+    A bare QEMU (-S, no guest) is measured with SMIG's defaults; the code it hashes is dumped to
+    /dev/shm and hashed by b3sum (all threads, one thread), interleaved, in the same run.
+    JSON: elapsed_ms (median), ratio_vs_b3sum (b3sum's time net of its process start / SMIG's),
+    bytes, and the spreads. Goal: ratio_vs_b3sum at least 0.8.
+    """
+    _run("measure", quick, as_json)
+
+
+@app.command("placement")
+def placement(quick: bool = _QUICK, as_json: bool = _JSON) -> None:
+    """Time the planning of an evacuation of 1,000 VMs over a 1,000-host IVT.
+
+    The pure placement function the RC-TCB runs (spreading, anti-affinity, capacity, limits),
+    against a first-fit placement of the same VMs in the same run. JSON: p50_ms, p99_ms,
+    baseline_ms, ratio_vs_baseline, and what was placed.
+    """
+    _run("placement", quick, as_json)
 
 _REFUSED_EXIT = 3  # the run finished, but reports were refused: its figures do not count
 

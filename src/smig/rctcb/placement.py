@@ -15,6 +15,7 @@ A target is only ever a host whose row is TRUSTED and verified within the freshn
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -187,22 +188,60 @@ class _Ledger:
         self._outbound = Counter(m.source for m in in_flight)
         self._inbound = Counter(m.target for m in in_flight)
         self._running = len(in_flight)
+        # Targets grouped by capacity, each group kept sorted by _order. Within a group the
+        # spread key orders hosts the same way whatever the VM needs, so a group's best allowed
+        # host is the first allowed one in that order: a VM looks at a few hosts per group instead
+        # of computing the key of every host in the region (1,000 evacuees over 1,000 hosts took
+        # 8 s that way; `smig bench placement`).
+        self._classes: dict[Resources, list[tuple[int, int, str]]] = {}
+        for h in self._targets:
+            self._classes.setdefault(self._capacity[h], []).append(self._order(h))
+        for order in self._classes.values():
+            order.sort()
 
     def _add_group(self, host: str, group: str) -> None:
         if group and host in self._groups:
             self._groups[host].add(group)
 
+    def _order(self, host: str) -> tuple[int, int, str]:
+        """The spread key's order among hosts of one capacity: most free memory, then most free
+        vCPUs, then host id (a dimension the capacity lacks does not count, as in the key)."""
+        cap, free = self._capacity[host], self._free[host]
+        return (-free.memory_mib if cap.memory_mib > 0 else 0, -free.vcpus if cap.vcpus > 0 else 0, host)
+
+    def _allowed(self, vm: PlacedVM, host: str) -> bool:
+        return (
+            host != vm.host
+            and vm.needs.fits_in(self._free[host])
+            and not (vm.anti_affinity and vm.anti_affinity in self._groups[host])
+        )
+
     def choose(self, vm: PlacedVM) -> tuple[str | None, str]:
-        """The best target for ``vm`` and ``""``, or ``None`` and why there is none; reserves the target."""
-        candidates = [h for h in self._targets if h != vm.host]
-        roomy = [h for h in candidates if vm.needs.fits_in(self._free[h])]
-        allowed = [h for h in roomy if not vm.anti_affinity or vm.anti_affinity not in self._groups[h]]
-        if not allowed:
+        """The best target for ``vm`` and ``""``, or ``None`` and why there is none; reserves the target.
+
+        The best is the allowed host with the least :meth:`_spread_key`: each capacity group's
+        first allowed host in :meth:`_order`, then the least key among those."""
+        best: str | None = None
+        best_key: tuple[Fraction, Fraction, str] | None = None
+        for cap, order in self._classes.items():
+            for free_mem, _, host in order:
+                if cap.memory_mib > 0 and -free_mem < vm.needs.memory_mib:
+                    break  # sorted by free memory: no host further on has room either
+                if self._allowed(vm, host):
+                    key = self._spread_key(host, vm.needs)
+                    if best_key is None or key < best_key:
+                        best, best_key = host, key
+                    break
+        if best is None:
+            candidates = [h for h in self._targets if h != vm.host]
+            roomy = [h for h in candidates if vm.needs.fits_in(self._free[h])]
             return None, self._why_not(vm, candidates, roomy)
-        target = min(allowed, key=lambda h: self._spread_key(h, vm.needs))
-        self._free[target] -= vm.needs
-        self._add_group(target, vm.anti_affinity)
-        return target, ""
+        order = self._classes[self._capacity[best]]
+        order.pop(bisect.bisect_left(order, self._order(best)))
+        self._free[best] -= vm.needs
+        bisect.insort(order, self._order(best))
+        self._add_group(best, vm.anti_affinity)
+        return best, ""
 
     def _spread_key(self, host: str, needs: Resources) -> tuple[Fraction, Fraction, str]:
         # Exact fractions: float rounding must not decide between two equally free hosts.
