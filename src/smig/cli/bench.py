@@ -66,6 +66,7 @@ def placement(quick: bool = _QUICK, as_json: bool = _JSON) -> None:
     """
     _run("placement", quick, as_json)
 
+
 _REFUSED_EXIT = 3  # the run finished, but reports were refused: its figures do not count
 
 
