@@ -41,8 +41,8 @@ from aim_processes import bench_host, bench_single
 from aim_record import Results, Unexpected
 from aim_tables import render
 from aim_throughput import bench_throughput
-from docs_section import write_section
 from smig.aim import reference
+from smig.bench.docs import write_section
 from smig.model import HashAlgorithm
 
 SECTION = "aim"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import write_section
+from smig.bench.docs import write_section
 
 SMIG = str(Path(sys.executable).parent / "smig")
 STEPS = (

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from docs_section import write_section
+from smig.bench.docs import write_section
 from smig.rctcb.loadgen import GOAL_PER_S, QUICK, Connections, IngestResult, LoadConfig, run_ingest
 
 SECTION = "ingest"

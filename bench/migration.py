@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from docs_section import write_section
+from smig.bench.docs import write_section
 from smig.hypervisor.migration import live_migrate
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
 from smig.model import MigrationParams, VMSpec

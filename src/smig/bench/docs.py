@@ -1,4 +1,4 @@
-"""Replacing one benchmark's section of docs/BENCHMARKS.md, shared by the bench scripts."""
+"""Replacing one benchmark's section of docs/BENCHMARKS.md, shared by `smig bench all` and the bench scripts."""
 
 from __future__ import annotations
 

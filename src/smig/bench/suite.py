@@ -1,0 +1,140 @@
+"""The evaluation as one command: run the benchmarks, keep their figures, write them into the docs.
+
+:func:`run_suite` runs the benchmarks of ``smig bench NAME`` in order, writes each one's figures
+to ``RESULTS/NAME.json`` (with the command and machine), its plot if it draws one, and its section
+of ``docs/BENCHMARKS.md``. :func:`goals` reads every result file there (these and those of the
+scripts in ``bench/``) and states, goal by goal, which are met and which are not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from smig.bench.docs import write_section
+from smig.bench.stats import Progress, machine_line
+
+SUITE = ("measure", "detection", "placement")
+PLOTS = {"detection": "detection-cdf.png"}
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"smig.bench.{name}")
+
+
+def run_suite(
+    names: Sequence[str],
+    *,
+    quick: bool,
+    results: Path,
+    plots: Path,
+    write: Path | None,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Run ``names`` in order; returns their figures by name. A benchmark that fails stops the suite
+    (its error propagates) after the ones before it were written."""
+    command = shlex.join(["smig", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "smig bench all"
+    done: dict[str, dict[str, Any]] = {}
+    results.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        module = _module(name)
+        progress(f"{name}: starting")
+        figures: dict[str, Any] = module.run(quick=quick, progress=lambda m, n=name: progress(f"{n}: {m}"))
+        figures["command"] = command
+        figures["quick"] = quick
+        (results / f"{name}.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+        body = module.markdown(figures)
+        if name in PLOTS and hasattr(module, "plot"):
+            picture = module.plot(figures, plots / PLOTS[name])
+            body += f"\n\n![{name}]({_relative(picture, write)})"
+        if write is not None:
+            header = f"Command: `{command}`  \nMachine: {machine_line(figures['machine'])}.  \n"
+            header += f"Raw figures: `{_relative(results / f'{name}.json', write)}`.\n\n"
+            write_section(write, f"suite-{name}", header + body + "\n")
+        done[name] = figures
+    return done
+
+
+def _relative(path: Path, doc: Path | None) -> str:
+    if doc is None:
+        return str(path)
+    try:
+        return str(path.resolve().relative_to(doc.resolve().parent))
+    except ValueError:
+        try:
+            return "../" + str(path.resolve().relative_to(doc.resolve().parent.parent))
+        except ValueError:
+            return str(path)
+
+
+# -- which goals are met ---------------------------------------------------------------------------
+
+Goal = tuple[str, str, bool | None]  # (goal, figure, met; None: not measured)
+
+
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def _measure(r: dict[str, Any]) -> list[Goal]:
+    return [("AIM hashing at least 0.8x b3sum (all threads, net)", f"{r['ratio_vs_b3sum']}x", r["meets_goal"])]
+
+
+def _detection(r: dict[str, Any]) -> list[Goal]:
+    out: list[Goal] = []
+    for row in r["results"]:
+        if row["goal_p99_ms"] is not None:
+            what = (
+                f"tamper to UNTRUSTED at {row['interval_s']:g} s, {row['policy']} (k={row['k']}): "
+                f"p99 under {row['goal_p99_ms'] / 1000:g} s"
+            )
+            out.append((what, f"p99 {row['p99_ms']} ms ({row['detected']}/{row['trials']} trials)", row["meets_goal"]))
+    return out
+
+
+def _ingest(r: dict[str, Any]) -> list[Goal]:
+    return [("RC-TCB ingest at least 10,000 verdicts/s", f"{r['verdicts_per_s']:,.0f}/s", r["meets_goal"])]
+
+
+SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Goal]]] = {
+    "measure": _measure,
+    "detection": _detection,
+    "ingest": _ingest,
+}
+NOT_YET = (
+    "transient attacks (detection probability against duration)",
+    "response time: UNTRUSTED to first migration command p99 under 20 ms; evacuation within 1.1x raw QMP",
+    "migration against RAM, dirty rate, TLS and a modelled link, downtime as QEMU and as the guest see it",
+    "overhead on guests under 1% at 1 s and under 5% at 0.1 s",
+)
+
+
+def goals(results: Path) -> list[Goal]:
+    """Every goal whose figures are in ``results``, and those not measured yet (met: None)."""
+    out: list[Goal] = []
+    for name, summarise in SUMMARIES.items():
+        figures = _load(results, name)
+        if figures is None:
+            out.append((f"{name}: no figures in {results}", "-", None))
+        else:
+            out += summarise(figures)
+    out += [(what, "not measured yet", None) for what in NOT_YET]
+    return out
+
+
+def goals_markdown(rows: list[Goal]) -> str:
+    def verdict(met: bool | None) -> str:
+        return "not measured" if met is None else ("**met**" if met else "**not met**")
+
+    lines = ["## Goals: which are met", "", "| goal | figure | |", "|---|---|---|"]
+    lines += [f"| {what} | {figure} | {verdict(met)} |" for what, figure, met in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,67 @@
+"""`smig bench`: the evaluation's quick cases run end to end, so the suite cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SMIG = str(Path(sys.executable).parent / "smig")
+
+
+def bench(*args: str, cwd: Path | None = None) -> Any:
+    done = subprocess.run([SMIG, "bench", *args], capture_output=True, text=True, timeout=600, check=False, cwd=cwd)
+    assert done.returncode == 0, f"smig bench {' '.join(args)} failed: {done.stderr}"
+    return json.loads(done.stdout) if "--json" in args else done.stdout
+
+
+def test_placement_plans_every_evacuee_and_times_it_against_first_fit() -> None:
+    r = bench("placement", "--quick", "--json")
+    assert r["evacuees"] == r["placed"] == 1000 and r["no_capacity"] == 0
+    assert r["start_now"] == 5, "the region's limit: five migrations at once"
+    assert 0 < r["p50_ms"] <= r["p99_ms"] and r["baseline_ms"]["median"] > 0
+    assert r["targets_used"] > r["baseline_targets_used"], "SMIG spreads, first fit piles up"
+
+
+@pytest.mark.qemu
+def test_measure_times_a_real_qemu_against_b3sum_over_the_same_bytes() -> None:
+    r = bench("measure", "--quick", "--json")
+    assert r["elapsed_ms"] > 0 and r["ratio_vs_b3sum"] > 0
+    assert r["bytes"] == r["dump_bytes"] > 10 << 20, "b3sum hashes exactly the bytes SMIG measured"
+    assert r["b3sum_net_ms"] < r["b3sum_ms"]["median"]
+    assert r["meets_goal"] == (r["ratio_vs_b3sum"] >= r["goal_ratio"])
+
+
+@pytest.mark.qemu
+def test_detection_times_every_policy_and_k_from_tamper_to_untrusted(tmp_path: Path) -> None:
+    r = bench("detection", "--quick", "--json", "--plot", str(tmp_path / "cdf.png"))
+    rows = {(row["interval_s"], row["policy"], row["k"]): row for row in r["results"]}
+    judged = [("immediate", 1), ("immediate", 2), ("immediate", 3), ("quorum", 2), ("quorum", 3)]
+    assert set(rows) == {(i, p, k) for i in (0.1, 1.0) for p, k in judged}
+    for (interval, policy, k), row in rows.items():
+        assert row["detected"] == row["trials"] == 10, (interval, policy, k)
+        # Detection takes a measurement after the tamper, and never longer than the schedule's
+        # longest wait by much: 1.5 intervals, then measuring and judging.
+        assert 0 < row["first_mismatch_p50_ms"] <= row["p50_ms"] <= row["p99_ms"] < 1500 * interval + 1000
+        assert row["predicted_p50_ms"] < row["predicted_p99_ms"]
+    assert not r["rejected_reports"], "every report a region judged was well formed and fresh"
+    assert (tmp_path / "cdf.png").stat().st_size > 10_000
+
+
+def test_the_suite_writes_figures_sections_and_the_goals(tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    results = tmp_path / "results"
+    bench("all", "--quick", "--only", "placement", "--write", str(doc), "--results", str(results))
+    figures = json.loads((results / "placement.json").read_text())
+    assert figures["placed"] == 1000 and figures["quick"] is True
+    text = doc.read_text()
+    assert "kept" in text and "<!-- bench:suite-placement:begin -->" in text and "evacuating 1,000 VMs" in text
+    bench("goals", "--results", str(results), "--write", str(doc))
+    goals = bench("goals", "--results", str(results), "--json")
+    assert any(g["met"] is None and "overhead" in g["goal"] for g in goals), "what is not measured yet is said so"
+    assert "## Goals: which are met" in doc.read_text()
