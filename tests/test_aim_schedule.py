@@ -9,7 +9,13 @@ from bisect import bisect_left
 
 import pytest
 
-from smig.aim.schedule import Schedule, detection_latency_quantile, detection_probability, next_delay
+from smig.aim.schedule import (
+    Schedule,
+    detection_latency_quantile,
+    detection_probability,
+    first_delay,
+    next_delay,
+)
 from smig.errors import ConfigError
 
 DEFAULT = Schedule()  # intervals uniform in [0.5, 1.5] s
@@ -160,3 +166,17 @@ def test_latency_quantile_inverts_the_detection_probability() -> None:
     assert detection_latency_quantile(0.25, DEFAULT) == pytest.approx(0.25)
     # Two monitors reach the median sooner than one.
     assert detection_latency_quantile(0.5, DEFAULT, monitors=2) < detection_latency_quantile(0.5, DEFAULT)
+
+
+def test_the_first_wait_is_the_equilibrium_residual_so_a_fresh_monitor_is_already_stationary() -> None:
+    rng = random.Random(5)
+    for schedule in (DEFAULT, WIDE, Schedule(mean_interval_s=2.0, jitter=0.0)):
+        draws = sorted(first_delay(schedule, rng) for _ in range(WINDOWS))
+        assert all(0.0 <= d <= schedule.max_interval_s for d in draws)
+        # Its CDF is the chance one monitor catches a change of that length: the stationary residual.
+        for t in (0.1, 0.4, 0.8, 1.0, 1.3, 1.7):
+            t *= schedule.mean_interval_s
+            observed = bisect_left(draws, t) / len(draws)
+            assert within_binomial(observed, detection_probability(t, schedule), len(draws)), (schedule, t)
+    # Not the interval itself: a fresh monitor may measure long before the shortest interval.
+    assert min(first_delay(DEFAULT, random.Random(s)) for s in range(200)) < DEFAULT.min_interval_s / 4

@@ -65,3 +65,17 @@ def test_the_suite_writes_figures_sections_and_the_goals(tmp_path: Path) -> None
     goals = bench("goals", "--results", str(results), "--json")
     assert any(g["met"] is None and "overhead" in g["goal"] for g in goals), "what is not measured yet is said so"
     assert "## Goals: which are met" in doc.read_text()
+
+
+@pytest.mark.qemu
+def test_transient_changes_are_caught_more_often_by_more_monitors_and_compared_with_the_schedule() -> None:
+    r = bench("transient", "--quick", "--json")
+    rows = {(row["duration_s"], row["k"]): row for row in r["results"]}
+    assert set(rows) == {(d, k) for d in (0.1, 0.5) for k in (1, 2, 3)}
+    for (d, k), row in rows.items():
+        assert row["trials"] == 16 and 0 <= row["caught"] <= row["trials"]
+        assert row["lasted_ms"]["median"] >= 1000 * d, "the change lasted at least as long as asked"
+        assert row["ci95"][0] <= row["probability"] <= row["ci95"][1]
+        assert 0 < row["predicted"] <= 1
+        if k > 1:  # the same reports reach every region, and k monitors include the k - 1 before them
+            assert row["caught"] >= rows[(d, k - 1)]["caught"], (d, k)

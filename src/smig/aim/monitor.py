@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from smig.aim.measure import Measurement, Measurer
 from smig.aim.report import SignedReport, sign_report
-from smig.aim.schedule import Schedule, next_delay
+from smig.aim.schedule import Schedule, first_delay, next_delay
 from smig.errors import ConfigError
 from smig.model import Mismatch, Report, Verdict
 
@@ -147,7 +147,7 @@ class Monitor:
         loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
         done = 0
-        next_start = loop.time() + next_delay(self.schedule, self._rng)
+        next_start = loop.time() + first_delay(self.schedule, self._rng)
         while not stop.is_set() and (rounds is None or done < rounds):
             wait = next_start - loop.time()
             if wait > 0:

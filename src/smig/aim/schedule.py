@@ -3,7 +3,8 @@
 A monitor that measured its subject on a fixed period would let an attacker who learned the
 period restore the hypervisor just before each measurement and tamper again just after. So each
 monitor waits a random interval, uniform in ``[mean * (1 - jitter), mean * (1 + jitter)]``,
-between measurements (:func:`next_delay`).
+between measurements (:func:`next_delay`), the first drawn from the equilibrium residual
+(:func:`first_delay`) so that the process is stationary from the start.
 
 The rest of the module answers, in closed form, how well that works. The measurements of one
 monitor form a stationary renewal process (the attacker does not know its phase) with
@@ -67,6 +68,23 @@ def next_delay(schedule: Schedule, rng: random.Random) -> float:
     Mersenne Twister would not do there: its state can be recovered from its outputs.
     """
     return rng.uniform(schedule.min_interval_s, schedule.max_interval_s)
+
+
+def first_delay(schedule: Schedule, rng: random.Random) -> float:
+    """Draw the wait before a monitor's *first* measurement, in seconds.
+
+    Drawn from the schedule's equilibrium residual (the wait a stationary process leaves from a
+    random moment: density ``(1 - F(r)) / mean``), not from the interval itself. A monitor then
+    measures from its start as unpredictably as it does later: the moment it started tells an
+    attacker nothing about when it measures. Inverse transform of the residual's CDF, which is
+    :func:`detection_probability` for one monitor.
+    """
+    a, b, m = schedule.min_interval_s, schedule.max_interval_s, schedule.mean_interval_s
+    target = rng.random() * m  # the CDF times the mean: r below a, r - (r - a)^2 / 2(b - a) above
+    if target <= a or b == a:
+        return min(target, b)
+    width = b - a
+    return a + width * (1 - math.sqrt(max(0.0, 1 - 2 * (target - a) / width)))
 
 
 def _single(duration_s: float, schedule: Schedule) -> float:
