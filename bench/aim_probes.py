@@ -1,10 +1,10 @@
 """Probes the AIM benchmark (``bench/aim.py``) takes of a QEMU process and of the machine.
 
-What SMIG hashes in a process (:func:`hashed_ranges`), the copy-on-write signal alone
-(:func:`cow_pages`), the page cache and page tables (:func:`drop_from_page_cache`,
-:func:`mapped_code_mib`, :func:`paged_in_mib`), timing a call (:func:`timed`), a tool's output
-(:func:`stdout_of`), the machine's description (:func:`machine`) and how busy the rest of it
-kept while a part ran (:func:`busy_elsewhere`).
+The copy-on-write signal alone (:func:`cow_pages`), the page cache and page tables
+(:func:`drop_from_page_cache`, :func:`mapped_code_mib`, :func:`paged_in_mib`), timing a call
+(:func:`timed`), a tool's output (:func:`stdout_of`), the machine's description (:func:`machine`)
+and how busy the rest of it kept while a part ran (:func:`busy_elsewhere`). What SMIG hashes in a
+process is :func:`smig.bench.measure.hashed_ranges`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,6 @@ from pathlib import Path
 from smig.aim import procfs
 
 # -- a QEMU process --------------------------------------------------------------------------
-
-
-def hashed_ranges(pid: int) -> list[tuple[int, int]]:
-    """(start, length) of what SMIG hashes in a QEMU process: its code but the unreadable
-    ``[vsyscall]`` page and the TCG buffer of generated code (its only anonymous code here)."""
-    return [
-        (m.start, m.length)
-        for m in procfs.executable_mappings(pid)
-        if m.path != "[vsyscall]" and not (m.anonymous and not m.kernel_page)
-    ]
 
 
 def drop_from_page_cache(files: Iterable[str]) -> None:

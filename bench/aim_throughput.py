@@ -16,7 +16,7 @@ from pathlib import Path
 
 import blake3
 
-from aim_probes import cow_pages, hashed_ranges, stdout_of, timed
+from aim_probes import cow_pages, stdout_of, timed
 from aim_record import (
     B3,
     B3_ONE,
@@ -41,6 +41,7 @@ from smig.aim import procfs
 from smig.aim.hashing import LEAF_SIZE, READ_SIZE, Reader, plan_batches
 from smig.aim.measure import Measurer
 from smig.aim.reference import Manifest
+from smig.bench.measure import hashed_ranges
 from smig.lab.bare import bare_qemu
 from smig.model import HashAlgorithm
 

@@ -206,10 +206,9 @@ class Reader:
 
         Large views go one at a time through BLAKE3's own threads (unless this Reader has only
         one); the small ones are shared out between this Reader's threads (each call releases
-        the GIL). BLAKE3's threads are not on
-        this Reader's clock, so the process's CPU time over those calls is charged to
-        :attr:`worker_cpu_s`, less the caller's own: anything else the process ran meanwhile is
-        charged too, which errs toward measuring less often, never more.
+        the GIL). BLAKE3's threads are not on this Reader's clock, so the process's CPU time
+        over those calls is charged to :attr:`worker_cpu_s`, less the caller's own: anything
+        else the process ran meanwhile is charged too, which errs toward measuring less often.
         """
         out = [""] * len(views)
         parallel = self.algorithm is HashAlgorithm.BLAKE3 and self.threads > 1

@@ -28,8 +28,8 @@ _QUICK = typer.Option(False, "--quick", help="A few small cases: the whole bench
 _JSON = typer.Option(False, "--json", help="Print one JSON object of the figures (for scripts).")
 
 
-def _run(name: str, quick: bool, as_json: bool) -> dict[str, Any]:
-    """Run ``smig.bench.<name>``, print its figures (Markdown, or JSON), return them."""
+def _run(name: str, quick: bool, as_json: bool, plot: Path | None = None) -> dict[str, Any]:
+    """Run ``smig.bench.<name>``, print its figures (Markdown, or JSON), draw its plot, return them."""
     module = importlib.import_module(f"smig.bench.{name}")
     runner: Callable[..., dict[str, Any]] = module.run
     try:
@@ -42,6 +42,8 @@ def _run(name: str, quick: bool, as_json: bool) -> dict[str, Any]:
         emit_json(result)
     else:
         out.print(Markdown(module.markdown(result)))
+    if plot is not None:
+        err.print(f"[dim]… plot written to {module.plot(result, plot)}[/dim]")
     return result
 
 
@@ -73,11 +75,7 @@ def detection(
     k, p50_ms and p99_ms of tamper -> UNTRUSTED, the first mismatch's, and the schedule's
     prediction. Goals: at 1 s p99 under 1.2 s (immediate) and 1.5 s (quorum); at 0.1 s under 0.25 s.
     """
-    result = _run("detection", quick, as_json)
-    if plot is not None:
-        from smig.bench.detection import plot as draw
-
-        err.print(f"[dim]… plot written to {draw(result, plot)}[/dim]")
+    _run("detection", quick, as_json, plot)
 
 
 @app.command("transient")
@@ -93,11 +91,7 @@ def transient(
     1.5 s; --quick: 0.1 and 0.5 s). JSON: per duration and k, the rate caught with its 95% Wilson
     interval and the schedule's predicted probability. Goal: the prediction inside the interval.
     """
-    result = _run("transient", quick, as_json)
-    if plot is not None:
-        from smig.bench.transient import plot as draw
-
-        err.print(f"[dim]… plot written to {draw(result, plot)}[/dim]")
+    _run("transient", quick, as_json, plot)
 
 
 @app.command("all")

@@ -248,7 +248,7 @@ class Region:
         self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
         self._assigned: dict[str, tuple[str, ...]] | None = None
         # (monitor, subject) -> last accepted sequence, None for "none yet": read from the store
-        # once per pair. A report's replay check read SQLite every time, a tenth of ingesting it.
+        # once per pair, not by every report's replay check (the region is their only writer).
         self._sequences: dict[tuple[str, str], int | None] = {}
 
     # -- reading ---------------------------------------------------------------------------
