@@ -79,3 +79,29 @@ def test_transient_changes_are_caught_more_often_by_more_monitors_and_compared_w
         assert 0 < row["predicted"] <= 1
         if k > 1:  # the same reports reach every region, and k monitors include the k - 1 before them
             assert row["caught"] >= rows[(d, k - 1)]["caught"], (d, k)
+
+
+@pytest.mark.qemu
+def test_migration_moves_real_guests_and_sees_downtime_twice() -> None:
+    r = bench("migration", "--quick", "--json")
+    assert {row["case"] for row in r["results"]} == {"256 MiB, idle, plain", "256 MiB, dirty 10 MiB/s, plain"}
+    for row in r["results"]:
+        for setting in ("smig", "uncapped", "1gbit"):
+            f = row[setting]
+            assert f["total_ms"]["n"] == 1 and f["total_ms"]["median"] > 0
+            assert f["guest_gap_ms"]["n"] == 1, "the guest's heartbeat was seen on both sides of the move"
+            assert 0 <= f["qemu_downtime_ms"]["median"] <= f["total_ms"]["median"]
+        assert row["ratio_smig_vs_uncapped"] > 0
+
+
+@pytest.mark.qemu
+def test_response_times_the_rctcb_and_a_real_evacuation_against_direct_migrations() -> None:
+    r = bench("response", "--quick", "--json")
+    (reaction,) = r["reaction"]
+    assert reaction["trials"] == 20 and 0 < reaction["p50_ms"] <= reaction["p99_ms"]
+    assert r["meets_reaction_goal"] == (reaction["p99_ms"] < r["goal_reaction_p99_ms"])
+    (run,) = r["runs"]
+    assert run["vms"] == run["moved"] == run["live"] == run["same_boot"] == 1, run
+    assert 0 < run["tamper_to_untrusted_ms"] < run["response_ms"]
+    assert 0 < run["evacuation_ms"] < run["response_ms"] and run["direct_ms"] > 0
+    assert run["ratio_vs_direct"] == round(run["evacuation_ms"] / run["direct_ms"], 4)

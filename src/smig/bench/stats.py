@@ -64,7 +64,9 @@ class Summary:
 
 
 def summary_text(s: dict[str, Any], digits: int = 2) -> str:
-    """A :meth:`Summary.to_json` as the tables print it: ``median (low-high) n=N``."""
+    """A :meth:`Summary.to_json` as the tables print it: ``median (low-high) n=N`` ("-" if empty)."""
+    if s["median"] is None:
+        return "-"
     return f"{s['median']:.{digits}f} ({s['low']:.{digits}f}-{s['high']:.{digits}f}) n={s['n']}"
 
 

@@ -53,11 +53,11 @@ async def _trial(lane: Lane, duration_s: float) -> tuple[float, dict[int, bool]]
     lane.new_trial()
     lane.start(INTERVAL_S)  # first waits are stationary residuals: the change starts at a random phase
     try:
-        record = await asyncio.to_thread(attacks.patch, lane.pid)
+        record = lane.tamper()
         try:
             await asyncio.sleep(max(0.0, duration_s - (time.time() - record.applied_at)))
         finally:
-            await asyncio.to_thread(attacks.undo, record)
+            attacks.undo(record)
             restored = time.time()
         lasted = restored - record.applied_at
         await lane.measured_since(restored, 3 * Schedule(INTERVAL_S).max_interval_s + 2.0)

@@ -259,9 +259,11 @@ def run_demo(
     progress: Callable[[str], None],
     watch: Watch,
     network: str = "auto",
+    only_attacked_runs_vms: bool = False,
 ) -> DemoResult:
     """Bring the lab up, tamper with its first host, follow the evacuation; take the lab down
-    again unless ``keep``. Raises what :func:`smig.lab.region.up` raises."""
+    again unless ``keep``. With ``only_attacked_runs_vms`` the guests all boot on the host that
+    is then tampered with (the others are the targets). Raises what :func:`smig.lab.region.up` raises."""
     started = time.monotonic()
     state = region.up(
         name,
@@ -271,6 +273,7 @@ def run_demo(
         dirty_mbps=dirty_mbps,
         policy=policy,
         interval_s=interval_s,
+        vm_hosts=["h1"] if only_attacked_runs_vms else None,
         network=network,
         progress=progress,
     )
