@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from smig.bench.docs import write_section
-from smig.bench.stats import Progress, machine_line
+from smig.bench.stats import Progress, machine, machine_line
 
 SUITE = ("measure", "detection", "transient", "placement", "migration", "response")
 PLOTS = {"detection": "detection-cdf.png", "transient": "transient-probability.png"}
@@ -44,7 +44,9 @@ def run_suite(
     for name in names:
         module = _module(name)
         progress(f"{name}: starting")
+        before = machine()  # the load average the run started under, not the one it left
         figures: dict[str, Any] = module.run(quick=quick, progress=lambda m, n=name: progress(f"{n}: {m}"))
+        figures["machine"] = before
         figures["command"] = command
         figures["quick"] = quick
         (results / f"{name}.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

@@ -25,7 +25,7 @@ from typing import Any
 
 from smig.aim import reference
 from smig.aim.schedule import Schedule, detection_probability
-from smig.bench.detection import MONITORS, Lane, subjects
+from smig.bench.lanes import MONITORS, Lane, subjects
 from smig.bench.stats import Progress, Summary, machine
 from smig.lab import attacks
 from smig.rctcb.policy import PolicyKind

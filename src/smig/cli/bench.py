@@ -32,8 +32,12 @@ def _run(name: str, quick: bool, as_json: bool, plot: Path | None = None) -> dic
     """Run ``smig.bench.<name>``, print its figures (Markdown, or JSON), draw its plot, return them."""
     module = importlib.import_module(f"smig.bench.{name}")
     runner: Callable[..., dict[str, Any]] = module.run
+    from smig.bench.stats import machine
+
+    before = machine()  # the load average the run started under, not the one it left
     try:
         result = runner(quick=quick, progress=lambda m: err.print(f"[dim]… {m}[/dim]"))
+        result["machine"] = before
     except SmigError as e:
         fail(e.message)
     except KeyboardInterrupt:
