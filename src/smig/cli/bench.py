@@ -14,6 +14,7 @@ from rich import box
 from rich.markdown import Markdown
 from rich.table import Table
 
+from smig.bench.stats import machine
 from smig.cli.common import emit_json, err, fail, out
 from smig.errors import SmigError
 from smig.rctcb.loadgen import GOAL_PER_S, QUICK, Connections, IngestResult, LoadConfig, run_ingest
@@ -32,8 +33,6 @@ def _run(name: str, quick: bool, as_json: bool, plot: Path | None = None) -> dic
     """Run ``smig.bench.<name>``, print its figures (Markdown, or JSON), draw its plot, return them."""
     module = importlib.import_module(f"smig.bench.{name}")
     runner: Callable[..., dict[str, Any]] = module.run
-    from smig.bench.stats import machine
-
     before = machine()  # the load average the run started under, not the one it left
     try:
         result = runner(quick=quick, progress=lambda m: err.print(f"[dim]… {m}[/dim]"))
