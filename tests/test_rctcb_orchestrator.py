@@ -132,6 +132,34 @@ def test_every_vm_of_an_untrusted_host_ends_on_exactly_one_trusted_host(db: Path
     store.close()
 
 
+def test_a_slot_freed_in_a_round_goes_to_a_waiting_order_in_that_round(db: Path) -> None:
+    # Two may leave the source at once; the third waits. When one of the two lands, the third's
+    # target is asked to prepare in that same round, not after the round's other calls, which in a
+    # real region can take seconds (a destination booting).
+    vms = [vm("a"), vm("b"), vm("c")]
+    fake = FakeRegionAgents()
+    build_region(db, vms, fake)
+
+    async def go() -> list[tuple[set[str], set[str]]]:
+        with SQLiteStore(db) as store:
+            orch = orchestrator(store, fake, Clock())
+            await orch.evacuate(BAD, "mismatch confirmed by t1, t2")
+            rounds = []
+            while orch.active():
+                await orch.run_once()
+                done = {o.vm.name for o in orch.orders() if o.state is OrderState.DONE}
+                prepared = {c[2] for c in fake.calls if c[1] == "prepare_incoming"}
+                rounds.append((done, prepared))
+            return rounds
+
+    rounds = asyncio.run(go())
+    assert len(rounds[0][1]) == 2, "two start at once, the third waits for a slot"
+    first_landed = next(i for i, (done, _) in enumerate(rounds) if done)
+    third_prepared = next(i for i, (_, prepared) in enumerate(rounds) if len(prepared) == 3)
+    assert third_prepared == first_landed, rounds
+    assert rounds[-1][0] == {"a", "b", "c"}
+
+
 def test_a_stalled_target_times_out_by_size_and_the_vm_goes_to_the_next_best(db: Path) -> None:
     fake = FakeRegionAgents()
     fake.faults.stall.add(("t1", "*"))  # every migration into t1 hangs

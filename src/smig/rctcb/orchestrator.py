@@ -196,6 +196,10 @@ class Orchestrator:
             changed = [(old, new) for old, new, _ in steps if new != old]
             if changed:
                 await self._commit(changed, now, None)
+            if any(not new.state.active for _, new in changed) and self._orders:
+                # A slot freed in this round goes to a waiting order now: the calls below can take
+                # seconds (a destination booting), and it would wait for all of them otherwise.
+                steps += await self._start_waiting(now)
         results = await asyncio.gather(*(self._execute(new, actions) for _, new, actions in steps if actions))
         decisive = False
         for order_id, answer in results:
@@ -213,6 +217,19 @@ class Orchestrator:
                         remaining_bytes=view.remaining_bytes,
                     )
         return decisive
+
+    async def _start_waiting(self, now: float) -> list[tuple[Order, Order, tuple[Action, ...]]]:
+        """Admit PLANNED orders into the slots free now, commit their first step; their steps."""
+        admitted = self._admit(now)
+        steps = []
+        for order in self.active():
+            if order.state is OrderState.PLANNED and order.id in admitted:
+                new, actions = next_step(order, admitted[order.id], now, self._config)
+                steps.append((order, new, actions))
+        changed = [(old, new) for old, new, _ in steps if new != old]
+        if changed:
+            await self._commit(changed, now, None)
+        return steps
 
     async def run_until_idle(self, timeout_s: float) -> None:
         """Run rounds until no order is active. Raises MigrationError if some still are after
