@@ -16,11 +16,12 @@ caller hashes too once it has nothing left to read.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol
 
@@ -228,10 +229,9 @@ class Reader:
             return time.thread_time() - cpu0
 
         if big:  # first, alone: BLAKE3's threads take every core, and only their time is in this window
-            process0, thread0 = time.process_time(), time.thread_time()
-            for i in big:
-                out[i] = flat_digest(self.algorithm, views[i])
-            self.worker_cpu_s += max(0.0, (time.process_time() - process0) - (time.thread_time() - thread0))
+            with self._charging_blake3_threads():
+                for i in big:
+                    out[i] = flat_digest(self.algorithm, views[i])
         futures = []
         if self.threads > 1 and any(shares[1:]):
             if self._pool is None:
@@ -242,6 +242,16 @@ class Reader:
             self.worker_cpu_s += f.result()
         self.bytes_read += sum(len(v) for v in views)
         return out
+
+    @contextlib.contextmanager
+    def _charging_blake3_threads(self) -> Iterator[None]:
+        """Charge the process's CPU time over the block, less the caller's, to :attr:`worker_cpu_s`:
+        the time of BLAKE3's own threads, which no clock of ours sees (plus whatever else ran)."""
+        process0, thread0 = time.process_time(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.worker_cpu_s += max(0.0, (time.process_time() - process0) - (time.thread_time() - thread0))
 
     def batch(self, source: Source) -> HashBatch:
         """A pass that hashes views as they are added and ranges of ``source`` when it finishes."""
@@ -311,7 +321,6 @@ class HashBatch:
         self._ranges: list[tuple[int, int, int]] = []  # (result index, start, length)
         self._flat_only: set[int] = set()  # result indexes of ranges that get no leaves
         self._views_added = False
-        self._views: list[_Job] = []
         self._flat: dict[int, Hasher] = {}  # result index -> the flat hash of a range, fed as it is read
 
     def __enter__(self) -> HashBatch:
@@ -356,10 +365,15 @@ class HashBatch:
         reader = self._reader
         leaf = reader.leaf_size
         batches = plan_batches([length for _, _, length in self._ranges], leaf, reader.read_size)
-        reader._queue_jobs(self._views, self._results)  # hashed while the ranges are read
         # Flat hashes only, no leaves: the one CPU not on a clock of ours is BLAKE3's threads'.
         charge = not self._views_added and len(self._flat_only) == len(self._ranges) and reader.threads > 1
-        process0, thread0 = time.process_time(), time.thread_time()
+        with reader._charging_blake3_threads() if charge else contextlib.nullcontext():
+            self._read_and_queue(batches)
+        return self._results
+
+    def _read_and_queue(self, batches: list[list[_Piece]]) -> None:
+        reader = self._reader
+        leaf = reader.leaf_size
         for k, batch in enumerate(batches):
             if k >= len(reader._buffers):
                 reader._finish()  # every leaf queued so far is hashed: the buffer can be reused
@@ -376,6 +390,3 @@ class HashBatch:
                 reader.bytes_read += n
             reader._queue_jobs(jobs, self._results)
         reader._finish()
-        if charge:
-            reader.worker_cpu_s += max(0.0, (time.process_time() - process0) - (time.thread_time() - thread0))
-        return self._results
