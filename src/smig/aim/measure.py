@@ -230,24 +230,19 @@ class Measurer:
             flats = self._reader.flat_digests([view for _, _, view in in_place])
             try:
                 batch.finish()
-            except EOFError as e:
-                raise ProcessGone(pid, f"process {pid} exited or unmapped code while it was measured") from e
-            digests: list[tuple[MemoryMapping, str, list[int], str, memoryview | None]] = [
-                (m, t, [], flat, view) for (m, t, view), flat in zip(in_place, flats, strict=True)
-            ]
-            digests += [(m, t, private, batch.flat_digest(i), None) for m, t, private, i in copied]
-            # Leaves only where a module's digest differs: from the same view, or read again.
-            again = stack.enter_context(self._reader.batch(memory))
-            for m, target, private, digest, view in digests:
-                seg = self._segment(m)
-                if seg is not None and digest == seg.digest:
-                    todo.append((m, target, private, -1, digest))
-                elif m.anonymous or m.kernel_page or seg is None:
-                    todo.append((m, target, private, -1, digest))  # judged without leaves
-                else:
-                    index = again.add_view(view) if view is not None else again.add_range(m.start, m.length)
+                digests: list[tuple[MemoryMapping, str, list[int], str, memoryview | None]] = [
+                    (m, t, [], flat, view) for (m, t, view), flat in zip(in_place, flats, strict=True)
+                ]
+                digests += [(m, t, private, batch.flat_digest(i), None) for m, t, private, i in copied]
+                # Leaves only where a module's digest differs (anonymous and kernel pages have no
+                # segment): from the same view, or read again.
+                again = stack.enter_context(self._reader.batch(memory))
+                for m, target, private, digest, view in digests:
+                    seg = self._segment(m)
+                    index = -1
+                    if seg is not None and digest != seg.digest:
+                        index = again.add_view(view) if view is not None else again.add_range(m.start, m.length)
                     todo.append((m, target, private, index, digest))
-            try:
                 all_leaves = again.finish()
             except EOFError as e:
                 # The process unmapped a range as we read it, or exited: either way not a mismatch.
