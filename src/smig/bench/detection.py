@@ -37,18 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smig.aim import reference
 from smig.aim.schedule import Schedule, detection_latency_quantile
-from smig.bench.lanes import MONITORS, Lane, subjects
+from smig.bench.lanes import MONITORS, Judged, Lane, lanes
 from smig.bench.stats import Progress, Summary, machine, quantile, summary_text
 from smig.lab import attacks
 from smig.rctcb.policy import PolicyKind
@@ -59,7 +54,7 @@ FULL_TRIALS = 100
 QUICK_TRIALS = 10
 PARALLEL_FROM_S = 0.5  # mean intervals from which the lanes run side by side
 # (policy, k) judged in each lane; "live" regions have their re-measurements carried out.
-LANES: dict[str, tuple[tuple[PolicyKind, int, bool], ...]] = {
+LANES: dict[str, Judged] = {
     "a": (
         (PolicyKind.IMMEDIATE, 1, False),
         (PolicyKind.IMMEDIATE, 2, False),
@@ -151,21 +146,9 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
     say = progress or (lambda _: None)
     intervals = QUICK_INTERVALS if quick else FULL_INTERVALS
     trials = QUICK_TRIALS if quick else FULL_TRIALS
-    say("building the reference manifest of the installed QEMU")
-    manifest = reference.build(reference.installed_qemu_files())
-    # Every trial's regions announce their subject's fall; here that is the expected outcome.
-    logging.getLogger("smig.rctcb.region").setLevel(logging.ERROR)
-    root = Path(tempfile.mkdtemp(prefix="smig-bench-detection-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    lanes: list[Lane] = []
-    try:
-        with subjects(len(LANES), root) as pids:
-            lanes = [Lane(name, pid, manifest, root, LANES[name]) for name, pid in zip(LANES, pids, strict=True)]
-            results, seen = asyncio.run(_run_lanes(lanes, intervals, trials, say))
-    finally:
-        for lane in lanes:
-            lane.close()
-        shutil.rmtree(root, ignore_errors=True)
-    return _figures(results, intervals, trials, seen, lanes)
+    with lanes(LANES, "detection", say) as made:
+        results, seen = asyncio.run(_run_lanes(made, intervals, trials, say))
+    return _figures(results, intervals, trials, seen, made)
 
 
 def _figures(

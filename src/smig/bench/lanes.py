@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smig.aim import reference
 from smig.aim.keys import generate_key, public_key_pem
 from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
@@ -51,9 +56,7 @@ class Judge:
 class Lane:
     """A subject QEMU, its three monitors running their loops, and the regions judging a trial."""
 
-    def __init__(
-        self, name: str, pid: int, manifest: Manifest, root: Path, judged: tuple[tuple[PolicyKind, int, bool], ...]
-    ) -> None:
+    def __init__(self, name: str, pid: int, manifest: Manifest, root: Path, judged: Judged) -> None:
         self.name = name
         self.judged = judged
         # Found once: the search reads all of QEMU's code while holding the GIL, which would hold
@@ -175,7 +178,26 @@ class Lane:
         self._route(obs, judge)
 
 
+Judged = tuple[tuple[PolicyKind, int, bool], ...]  # (policy, k, live) of each region of a trial
+
+
 @contextlib.contextmanager
-def subjects(n: int, root: Path) -> Iterator[list[int]]:
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(bare_qemu(marker_dir=root / f"qemu-{i}")) for i in range(n)]
+def lanes(judged: Mapping[str, Judged], name: str, say: Callable[[str], None]) -> Iterator[list[Lane]]:
+    """A lane per entry of ``judged`` (lane name -> its regions), each on a bare QEMU of its own,
+    all measured against the installed QEMU's reference; everything stopped and removed after."""
+    # Every trial's regions announce their subject's fall; here that is the expected outcome.
+    logging.getLogger("smig.rctcb.region").setLevel(logging.ERROR)
+    say("building the reference manifest of the installed QEMU")
+    manifest = reference.build(reference.installed_qemu_files())
+    root = Path(tempfile.mkdtemp(prefix=f"smig-bench-{name}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    made: list[Lane] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for i, (lane_name, regions) in enumerate(judged.items()):
+                pid = stack.enter_context(bare_qemu(marker_dir=root / f"qemu-{i}"))
+                made.append(Lane(lane_name, pid, manifest, root, regions))
+            yield made
+    finally:
+        for lane in made:
+            lane.close()
+        shutil.rmtree(root, ignore_errors=True)

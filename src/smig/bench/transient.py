@@ -14,18 +14,13 @@ Wilson interval around each measured rate: a prediction outside it is flagged.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from smig.aim import reference
 from smig.aim.schedule import Schedule, detection_probability
-from smig.bench.lanes import MONITORS, Lane, subjects
+from smig.bench.lanes import MONITORS, Judged, Lane, lanes
 from smig.bench.stats import Progress, Summary, machine
 from smig.lab import attacks
 from smig.rctcb.policy import PolicyKind
@@ -35,7 +30,7 @@ FULL_DURATIONS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5)
 QUICK_DURATIONS = (0.1, 0.5)
 FULL_TRIALS = 40  # per lane and duration; two lanes
 QUICK_TRIALS = 8
-JUDGED = ((PolicyKind.IMMEDIATE, 1, False), (PolicyKind.IMMEDIATE, 2, False), (PolicyKind.IMMEDIATE, 3, False))
+JUDGED: Judged = ((PolicyKind.IMMEDIATE, 1, False), (PolicyKind.IMMEDIATE, 2, False), (PolicyKind.IMMEDIATE, 3, False))
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -89,19 +84,8 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
     say = progress or (lambda _: None)
     durations = QUICK_DURATIONS if quick else FULL_DURATIONS
     trials = QUICK_TRIALS if quick else FULL_TRIALS
-    logging.getLogger("smig.rctcb.region").setLevel(logging.ERROR)
-    say("building the reference manifest of the installed QEMU")
-    manifest = reference.build(reference.installed_qemu_files())
-    root = Path(tempfile.mkdtemp(prefix="smig-bench-transient-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    lanes: list[Lane] = []
-    try:
-        with subjects(2, root) as pids:
-            lanes = [Lane(name, pid, manifest, root, JUDGED) for name, pid in zip("ab", pids, strict=True)]
-            seen = asyncio.run(_run(lanes, durations, trials, say))
-    finally:
-        for lane in lanes:
-            lane.close()
-        shutil.rmtree(root, ignore_errors=True)
+    with lanes({"a": JUDGED, "b": JUDGED}, "transient", say) as made:
+        seen = asyncio.run(_run(made, durations, trials, say))
     schedule = Schedule(INTERVAL_S)
     rows = []
     for d in durations:
@@ -129,7 +113,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
         "interval_s": INTERVAL_S,
         "jitter": schedule.jitter,
         "durations_s": list(durations),
-        "trials_per_duration": trials * len(lanes),
+        "trials_per_duration": trials * len(made),
         "monitors": len(MONITORS),
         "results": rows,
         "agreement": sum(r["prediction_within_ci"] for r in rows) / len(rows) if rows else None,
