@@ -44,7 +44,7 @@ from typing import Any
 
 from smig.aim.schedule import Schedule, detection_latency_quantile
 from smig.bench.lanes import MONITORS, Judged, Lane, lanes
-from smig.bench.stats import Progress, Summary, machine, quantile, summary_text
+from smig.bench.stats import Progress, Summary, machine, ms_text, quantile, summary_text
 from smig.lab import attacks
 from smig.rctcb.policy import PolicyKind
 
@@ -236,8 +236,9 @@ def markdown(r: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {row['interval_s']:g} | {row['policy']} | {row['k']} | {row['detected']}/{row['trials']} | "
-            f"{_ms(row['first_mismatch_p50_ms'])} / {_ms(row['first_mismatch_p99_ms'])} | {_ms(row['p50_ms'])} | "
-            f"{_ms(row['p99_ms'])} | {_ms(row['predicted_p50_ms'])} / {_ms(row['predicted_p99_ms'])} | {goal} |"
+            f"{ms_text(row['first_mismatch_p50_ms'])} / {ms_text(row['first_mismatch_p99_ms'])} | "
+            f"{ms_text(row['p50_ms'])} | {ms_text(row['p99_ms'])} | "
+            f"{ms_text(row['predicted_p50_ms'])} / {ms_text(row['predicted_p99_ms'])} | {goal} |"
         )
     lines += ["", "How long a measurement took (wall time, all monitors, scheduled and on request):", "",
               "| interval (s) | measurement (ms) |", "|---|---|"]  # fmt: skip
@@ -251,10 +252,6 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     lines += ["", f"Goals: {r['goals']}."]
     return "\n".join(lines)
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}"
 
 
 def plot(r: dict[str, Any], path: Path) -> Path:

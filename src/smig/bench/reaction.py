@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from smig.aim.keys import generate_key, public_key_pem
-from smig.aim.report import sign_report
+from smig.aim.report import SignedReport, sign_report
 from smig.bench.stats import Summary
 from smig.ivt.sqlite import SQLiteStore
 from smig.model import HashAlgorithm, Mismatch, PlacedVM, Report, Resources, Verdict
@@ -96,7 +97,7 @@ async def _trial(root: Path, vms: int) -> tuple[float, float]:
         store.close()
 
 
-def _signed(subject: str, monitor: str, key: Any, verdict: Verdict, sequence: int) -> Any:
+def _signed(subject: str, monitor: str, key: Ed25519PrivateKey, verdict: Verdict, sequence: int) -> SignedReport:
     now = time.time()
     mismatches = (Mismatch("/usr/bin/qemu-system-x86_64", 0x1000, 1, "code differs from the reference", 1),)
     report = Report(subject, monitor, sequence, now - 0.02, now, HashAlgorithm.BLAKE3, "ab" * 32, verdict, (),
@@ -113,11 +114,8 @@ def run_reaction(trials: int, vm_counts: tuple[int, ...]) -> list[dict[str, Any]
         ingest: list[float] = []
         reaction: list[float] = []
         for _ in range(trials):
-            root = Path(tempfile.mkdtemp(prefix="smig-bench-reaction-"))
-            try:
-                a, b = asyncio.run(_trial(root, vms))
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
+            with tempfile.TemporaryDirectory(prefix="smig-bench-reaction-") as root:
+                a, b = asyncio.run(_trial(Path(root), vms))
             ingest.append(a)
             reaction.append(b)
         s = Summary.of(reaction)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from smig.bench.reaction import run_reaction
-from smig.bench.stats import Progress, machine, ratio
+from smig.bench.stats import Progress, machine, ms_text, ratio
 from smig.hypervisor import process
 from smig.hypervisor.migration import live_migrate
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
@@ -204,14 +204,11 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     for x in r["runs"]:
         lines.append(
-            f"| {x['vms']} | {x['dirty_mbps']} | {_ms(x['tamper_to_untrusted_ms'])} | "
-            f"{_ms(x['untrusted_to_first_command_ms'])} | {_ms(x['evacuation_ms'])} | {_ms(x['direct_ms'])} | "
-            f"{x['ratio_vs_direct']} | {_ms(x['response_ms'])} | {x['live']}/{x['vms']} |"
+            f"| {x['vms']} | {x['dirty_mbps']} | {ms_text(x['tamper_to_untrusted_ms'])} | "
+            f"{ms_text(x['untrusted_to_first_command_ms'])} | {ms_text(x['evacuation_ms'])} | "
+            f"{ms_text(x['direct_ms'])} | "
+            f"{x['ratio_vs_direct']} | {ms_text(x['response_ms'])} | {x['live']}/{x['vms']} |"
         )
     met = "met" if r["meets_ratio_goal"] else "not met"
     lines += ["", f"**Goal: SMIG's evacuation within {r['goal_ratio']}x of the direct migrations: {met}.**"]
     return "\n".join(lines)
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.0f}"

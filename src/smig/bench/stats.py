@@ -70,6 +70,11 @@ def summary_text(s: dict[str, Any], digits: int = 2) -> str:
     return f"{s['median']:.{digits}f} ({s['low']:.{digits}f}-{s['high']:.{digits}f}) n={s['n']}"
 
 
+def ms_text(x: float | None) -> str:
+    """Milliseconds as the tables print them: whole, with thousands separated ("-" if none)."""
+    return "-" if x is None else f"{x:,.0f}"
+
+
 def ratio(numerator: float, denominator: float) -> float | None:
     return round(numerator / denominator, 4) if denominator and not math.isnan(numerator) else None
 
