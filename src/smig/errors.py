@@ -29,6 +29,7 @@ errors of the libraries they use at their boundary (``raise X(...) from e``)::
     ├── HostNotFound              no IVT row for that host
     ├── HostExists                a host of that id is already enrolled
     └── AuditChainBroken          the audit log's hash chain does not verify (``seq``: first bad)
+    BenchError                    a benchmark could not measure what it set out to
 
 Each error carries structured fields (``vm``, ``host``) next to a message a person can act on.
 """
@@ -164,3 +165,7 @@ class CertificateRejected(ConfigError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class BenchError(SmigError):
+    """A benchmark could not measure what it set out to (a guest that reported nothing, say)."""

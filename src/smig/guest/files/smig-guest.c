@@ -11,6 +11,15 @@
  *       WORKING_SET_MB MiB. Every page gets a fresh non-zero word: QEMU sends zero
  *       pages almost for free, so a zero-writing dirtier would not load migration.
  *
+ *   smig-guest work KIND DEVICE [ARGS]
+ *       A workload whose progress the host reads, for the overhead benchmark. Every
+ *       REPORT_MS it writes "SMIG-WL <kind> <units> <uptime_ms> <late_us>" to DEVICE:
+ *         compute              units: rounds of an integer mix (CPU only)
+ *         disk BLOCKDEV        units: KiB written and read back, O_DIRECT, 1 MiB at a time
+ *         net IP PORT          units: KiB sent over one TCP connection
+ *         idle                 units: 10 ms timer ticks; late_us: their summed wake-up lateness
+ *       Counters are cumulative, so the host takes differences over any window it likes.
+ *
  * Static, libc only: it runs from a busybox initramfs.
  */
 #define _GNU_SOURCE
@@ -20,7 +29,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -102,12 +114,167 @@ static int dirty(long mbps, long ws_mb)
     }
 }
 
+#define REPORT_MS 250
+#define IO_BLOCK (1UL << 20)
+
+struct progress {
+    int fd;
+    const char *kind;
+    uint64_t units;
+    uint64_t late_us;
+    uint64_t next_ms;
+};
+
+static void report(struct progress *p)
+{
+    uint64_t now = now_ms();
+    if (now < p->next_ms)
+        return;
+    char line[160];
+    int n = snprintf(line, sizeof line, "SMIG-WL %s %llu %llu %llu\n", p->kind, (unsigned long long)p->units,
+                     (unsigned long long)now, (unsigned long long)p->late_us);
+    if (write(p->fd, line, (size_t)n) < 0 && errno != EAGAIN && errno != EINTR)
+        perror("write");
+    p->next_ms = now + REPORT_MS;
+}
+
+static _Noreturn void work_compute(struct progress *p)
+{
+    uint64_t x = 0x9e3779b97f4a7c15ULL;
+    volatile uint64_t sink = 0;
+    for (;;) {
+        for (int i = 0; i < (1 << 16); i++) {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            sink += x * 0x2545f4914f6cdd1dULL;
+        }
+        p->units++;
+        report(p);
+    }
+}
+
+static int work_disk(struct progress *p, const char *dev)
+{
+    /* The disk's node appears once its driver has probed, which may be after /init got here. */
+    int fd = -1;
+    for (int tries = 0; tries < 100 && fd < 0; tries++) {
+        fd = open(dev, O_RDWR | O_DIRECT);
+        if (fd < 0 && errno == ENOENT)
+            usleep(100000);
+        else
+            break;
+    }
+    if (fd < 0) {
+        perror(dev);
+        return 1;
+    }
+    off_t size = lseek(fd, 0, SEEK_END);
+    if (size < (off_t)IO_BLOCK) {
+        fprintf(stderr, "%s: too small for 1 MiB blocks\n", dev);
+        return 1;
+    }
+    void *buf;
+    if (posix_memalign(&buf, 4096, IO_BLOCK) != 0) {
+        perror("posix_memalign");
+        return 1;
+    }
+    uint64_t stamp = 1;
+    off_t off = 0;
+    for (;;) {
+        for (size_t i = 0; i < IO_BLOCK; i += 8)
+            *(uint64_t *)((uint8_t *)buf + i) = stamp ^ i;
+        if (pwrite(fd, buf, IO_BLOCK, off) != (ssize_t)IO_BLOCK || pread(fd, buf, IO_BLOCK, off) != (ssize_t)IO_BLOCK) {
+            perror("disk I/O");
+            return 1;
+        }
+        if (*(uint64_t *)buf != stamp) {
+            fprintf(stderr, "%s: read back other data than written\n", dev);
+            return 1;
+        }
+        stamp++;
+        off += IO_BLOCK;
+        if (off + (off_t)IO_BLOCK > size)
+            off = 0;
+        p->units += 2 * (IO_BLOCK >> 10);
+        report(p);
+    }
+}
+
+static _Noreturn void work_net(struct progress *p, const char *ip, int port)
+{
+    static char buf[64 << 10];
+    memset(buf, 0xa5, sizeof buf);
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (inet_pton(AF_INET, ip, &to.sin_addr) != 1) {
+        fprintf(stderr, "net: bad address %s\n", ip);
+        exit(1);
+    }
+    for (;;) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0 || connect(s, (struct sockaddr *)&to, sizeof to) < 0) {
+            perror("net: connect");
+            if (s >= 0)
+                close(s);
+            sleep(1);
+            continue;
+        }
+        for (;;) {
+            ssize_t n = write(s, buf, sizeof buf);
+            if (n <= 0)
+                break;
+            p->units += (uint64_t)n >> 10;
+            report(p);
+        }
+        perror("net: send");
+        close(s);
+    }
+}
+
+static _Noreturn void work_idle(struct progress *p)
+{
+    const long tick_ns = 10000000L;
+    struct timespec next, now;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    for (;;) {
+        sleep_until(&next, tick_ns);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t late = (int64_t)(now.tv_sec - next.tv_sec) * 1000000000LL + (now.tv_nsec - next.tv_nsec);
+        if (late > 0)
+            p->late_us += (uint64_t)late / 1000u;
+        p->units++;
+        report(p);
+    }
+}
+
+static int work(int argc, char **argv)
+{
+    struct progress p = {.kind = argv[2], .next_ms = 0};
+    p.fd = open(argv[3], O_WRONLY | O_NOCTTY);
+    if (p.fd < 0) {
+        perror(argv[3]);
+        return 1;
+    }
+    if (argc == 4 && strcmp(argv[2], "compute") == 0)
+        work_compute(&p);
+    if (argc == 4 && strcmp(argv[2], "idle") == 0)
+        work_idle(&p);
+    if (argc == 5 && strcmp(argv[2], "disk") == 0)
+        return work_disk(&p, argv[4]);
+    if (argc == 6 && strcmp(argv[2], "net") == 0)
+        work_net(&p, argv[4], atoi(argv[5]));
+    fprintf(stderr, "usage: smig-guest work compute|idle DEVICE | disk DEVICE BLOCKDEV | net DEVICE IP PORT\n");
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "heartbeat") == 0)
         return heartbeat(argv[2], argv[3], atol(argv[4]));
     if (argc == 4 && strcmp(argv[1], "dirty") == 0)
         return dirty(atol(argv[2]), atol(argv[3]));
-    fprintf(stderr, "usage: smig-guest heartbeat DEVICE BOOT_ID PERIOD_MS | dirty MBPS WORKING_SET_MB\n");
+    if (argc >= 4 && strcmp(argv[1], "work") == 0)
+        return work(argc, argv);
+    fprintf(stderr, "usage: smig-guest heartbeat DEVICE BOOT_ID PERIOD_MS | dirty MBPS WORKING_SET_MB | work KIND DEVICE [ARGS]\n");
     return 2;
 }

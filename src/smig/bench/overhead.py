@@ -1,0 +1,507 @@
+"""Overhead on guests: how much AIM measuring a host slows the guests running on it.
+
+The paper's own question. A guest (256 MiB, SMIG's guest image) runs one workload and reports its
+progress on its serial port every 250 ms (``smig-guest work``):
+
+- ``compute``: rounds of an integer mix, CPU only;
+- ``disk``: 1 MiB blocks written and read back with O_DIRECT on a virtio-blk disk (a raw file);
+- ``net``: one TCP stream out through virtio-net and QEMU's user-mode network to a sink on
+  127.0.0.1 (the guest's 10.0.2.2 is the host's loopback; no address outside the machine);
+- ``idle``: a 10 ms timer; what counts is how late its wake-ups are.
+
+Its QEMU process is the measured host: k real monitors (the RC-TCB's default, 2) measure it on
+their randomised schedules, at SMIG's defaults (code and files, CPU share capped, lower priority),
+in this process, on the same two cores the guest uses: the deployment's worst case, since a
+monitor shares its own host with that host's guests. Phases of equal length: AIM off, and mean
+intervals 2 s, 1 s and 0.1 s; each repeat runs all four in a rotated order and compares each AIM
+phase with that repeat's own off phase, so drift on the machine cancels.
+
+Slowdown: for compute, disk and net, the loss of throughput (units per second of the guest's
+clock, which follows the host's); for idle, the rise in the timer's mean wake-up lateness as a
+share of its 10 ms period (the share of each tick the guest lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smig.aim import reference
+from smig.aim.keys import generate_key
+from smig.aim.measure import Measurer
+from smig.aim.monitor import Monitor, Observation, Subject
+from smig.aim.reference import Manifest
+from smig.aim.schedule import Schedule
+from smig.bench.stats import Progress, Summary, machine, summary_text
+from smig.errors import BenchError
+from smig.guest.image import ImageBuilder
+from smig.hypervisor import process
+from smig.hypervisor.qemu import QemuConfig, QemuDriver
+from smig.hypervisor.qemu_argv import InstancePaths, qemu_argv
+from smig.model import Accel, Verdict, VMSpec
+from smig.paths import smig_cache
+from smig.rctcb.region import RegionConfig
+
+KINDS = ("idle", "compute", "disk", "net")
+UNITS = {"idle": "ticks/s", "compute": "rounds/s", "disk": "KiB/s", "net": "KiB/s"}
+INTERVALS = (2.0, 1.0, 0.1)
+PHASES: tuple[float | None, ...] = (None, *INTERVALS)  # None: AIM off
+GOALS = {1.0: 1.0, 0.1: 5.0}  # mean interval (s) -> largest slowdown (%) allowed, for every kind
+MONITORS = RegionConfig().monitors_per_host
+GUEST_MIB = 256
+DISK_MIB = 64
+TICK_US = 10_000  # the idle workload's timer period
+# warmup_s: past the boot's own after-effects (first translations, TCP's ramp) before the first phase
+FULL = {"repeats": 12, "phase_s": 3.0, "warmup_s": 5.0}
+QUICK = {"repeats": 2, "phase_s": 1.5, "warmup_s": 1.0}
+# Student's t at 97.5% by degrees of freedom (two-sided 95%); beyond the table, 2.0.
+T95 = (
+    12.71,
+    4.30,
+    3.18,
+    2.78,
+    2.57,
+    2.45,
+    2.36,
+    2.31,
+    2.26,
+    2.23,
+    2.20,
+    2.18,
+    2.16,
+    2.14,
+    2.13,
+    2.12,
+    2.11,
+    2.10,
+    2.09,
+    2.09,
+)
+BOOT_TIMEOUT_S = 90.0
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Sample:
+    units: int
+    guest_ms: int
+    late_us: int
+
+
+class _Serial:
+    """The guest's ``SMIG-WL`` lines, read from its serial log as they appear."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self._path = path
+        self._kind = kind
+        self._offset = 0
+        self._partial = b""
+        self.samples: list[Sample] = []
+
+    def poll(self) -> None:
+        try:
+            with self._path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            parts = line.decode(errors="replace").split()
+            if len(parts) == 5 and parts[0] == "SMIG-WL" and parts[1] == self._kind:
+                try:
+                    self.samples.append(Sample(int(parts[2]), int(parts[3]), int(parts[4])))
+                except ValueError:
+                    continue
+
+    def mark(self) -> int:
+        self.poll()
+        return len(self.samples)
+
+
+def score(kind: str, first: Sample, last: Sample) -> float:
+    """What a phase achieved between two samples: units per guest second, or for ``idle`` the mean
+    wake-up lateness in microseconds per tick."""
+    if kind == "idle":
+        return (last.late_us - first.late_us) / max(1, last.units - first.units)
+    return (last.units - first.units) * 1000.0 / max(1, last.guest_ms - first.guest_ms)
+
+
+def slowdown_pct(kind: str, on: float, off: float) -> float:
+    """How much the guest lost with AIM on (``on``) against off, in percent (see the module)."""
+    if kind == "idle":
+        return (on - off) / TICK_US * 100.0
+    return (1.0 - on / off) * 100.0 if off > 0 else float("nan")
+
+
+class _Sink:
+    """A TCP sink on 127.0.0.1 for the ``net`` workload: counts what arrives, in its own thread."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self.received = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="overhead-sink", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        buf = bytearray(1 << 20)
+        while not self._closed:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with conn:
+                while True:
+                    try:
+                        n = conn.recv_into(buf)
+                    except OSError:
+                        break
+                    if n == 0:
+                        break
+                    self.received += n
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        self._thread.join(5)
+
+
+def guest_argv(
+    kind: str, paths: InstancePaths, accel: Accel, *, net_port: int | None = None, binary: str = "qemu-system-x86_64"
+) -> list[str]:
+    """SMIG's VM command line for a workload guest, with its disk or network device added."""
+    image = ImageBuilder(smig_cache()).load()
+    spec = VMSpec(name=f"overhead-{kind}", memory_mib=GUEST_MIB, heartbeat_ms=1000)
+    argv = qemu_argv(binary, spec, accel, image.kernel, image.initrd, paths)
+    words = f" smig_modules=1 smig_work={kind}"
+    if kind == "disk":
+        disk = paths.directory / "disk.raw"
+        with disk.open("wb") as f:
+            f.truncate(DISK_MIB << 20)
+        argv += ["-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0"]
+    elif kind == "net":
+        if net_port is None:
+            raise ValueError("the net workload needs the sink's port")
+        words += f" smig_net_port={net_port}"
+        # User-mode networking: nothing listens on the host; the guest reaches 127.0.0.1 as 10.0.2.2.
+        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+    argv[argv.index("-append") + 1] += words
+    return argv
+
+
+@contextlib.asynccontextmanager
+async def workload_guest(kind: str, root: Path, accel: Accel) -> AsyncIterator[tuple[int, _Serial, _Sink | None]]:
+    """Boot a guest running ``kind``; yield its QEMU PID, its progress and the net sink; stop it.
+
+    Raises:
+        BenchError: QEMU did not start, or the workload reported nothing in time.
+    """
+    paths = InstancePaths(root / kind)
+    paths.directory.mkdir(parents=True)
+    sink = _Sink() if kind == "net" else None
+    pid: int | None = None
+    try:
+        argv = guest_argv(kind, paths, accel, net_port=sink.port if sink else None)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise BenchError(f"QEMU for the {kind} guest did not start: {err.decode().strip()}")
+        pid = process.read_pidfile(paths.pidfile)
+        if pid is None:
+            raise BenchError(f"QEMU for the {kind} guest wrote no pidfile at {paths.pidfile}")
+        serial = _Serial(paths.heartbeat, kind)
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while not serial.mark():
+            if time.monotonic() > deadline or not process.alive(pid):
+                tail = paths.console.read_text(errors="replace")[-400:] if paths.console.exists() else ""
+                raise BenchError(f"the {kind} guest reported no progress within {BOOT_TIMEOUT_S:.0f} s: {tail}")
+            await asyncio.sleep(0.2)
+        yield pid, serial, sink
+    finally:
+        if pid is not None:
+            await process.terminate(pid, str(paths.directory))
+        if sink is not None:
+            sink.close()
+
+
+class _Monitors:
+    """k real monitors measuring one QEMU process as its host, at one mean interval, while running."""
+
+    def __init__(self, pid: int, manifest: Manifest) -> None:
+        self.subject = Subject("host", lambda: [pid] if process.alive(pid) else [])
+        self.monitors = [
+            Monitor(f"m{i}", generate_key(), Measurer(manifest), Schedule(INTERVALS[0])) for i in range(MONITORS)
+        ]
+        self.elapsed_ms: list[float] = []
+        self.cpu_s = 0.0
+        self.verdicts: dict[str, int] = {}
+
+    def _emit(self, obs: Observation) -> None:
+        self.elapsed_ms.append(obs.measurement.elapsed_ms)
+        self.cpu_s += obs.cpu_s
+        verdict = obs.report.verdict.value
+        self.verdicts[verdict] = self.verdicts.get(verdict, 0) + 1
+
+    @contextlib.asynccontextmanager
+    async def running(self, interval_s: float | None) -> AsyncIterator[None]:
+        if interval_s is None:
+            yield
+            return
+        stop = asyncio.Event()
+        tasks = []
+        for monitor in self.monitors:
+            monitor.schedule = Schedule(interval_s)
+            tasks.append(asyncio.create_task(monitor.run(self.subject, self._emit, stop=stop)))
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        for monitor in self.monitors:
+            monitor.close()
+
+
+@dataclass(frozen=True)
+class Phase:
+    interval_s: float | None
+    score: float
+    wall_s: float
+    measurements: int
+    aim_cpu_s: float  # the monitors' CPU time for the measurements that ended in the phase
+
+
+async def _phase(serial: _Serial, monitors: _Monitors, kind: str, interval_s: float | None, phase_s: float) -> Phase:
+    async with monitors.running(interval_s):
+        start = serial.mark()
+        wall0, count0, cpu0 = time.monotonic(), len(monitors.elapsed_ms), monitors.cpu_s
+        end = wall0 + phase_s
+        while time.monotonic() < end:
+            await asyncio.sleep(POLL_S)
+            serial.poll()
+        window = serial.samples[start:]
+        wall = time.monotonic() - wall0
+        measured, cpu = len(monitors.elapsed_ms) - count0, monitors.cpu_s - cpu0
+    if len(window) < 2:
+        raise BenchError(f"the {kind} guest reported fewer than two samples in a {phase_s:g} s phase")
+    return Phase(interval_s, score(kind, window[0], window[-1]), wall, measured, cpu)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float] | None:
+    """The mean and its 95% interval (Student's t), or None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = (
+        (T95[len(values) - 2] if len(values) - 1 <= len(T95) else 2.0)
+        * statistics.stdev(values)
+        / math.sqrt(len(values))
+    )
+    return mean, mean - half, mean + half
+
+
+def judge(ci: tuple[float, float, float] | None, goal: float) -> bool | None:
+    """Met if the whole interval is under the goal, not met if it is all above; None if it spans it."""
+    if ci is None:
+        return None
+    if ci[2] < goal:
+        return True
+    return False if ci[1] >= goal else None
+
+
+async def _kind(
+    kind: str, root: Path, accel: Accel, manifest: Manifest, setup: dict[str, float], say: Progress
+) -> dict[str, Any]:
+    repeats, phase_s = int(setup["repeats"]), setup["phase_s"]
+    async with workload_guest(kind, root, accel) as (pid, serial, sink):
+        monitors = _Monitors(pid, manifest)
+        try:
+            await asyncio.sleep(setup["warmup_s"])
+            phases: list[list[Phase]] = []
+            for r in range(repeats):
+                order = PHASES[r % len(PHASES) :] + PHASES[: r % len(PHASES)]
+                say(f"{kind}: repeat {r + 1}/{repeats} ({', '.join(_label(i) for i in order)})")
+                phases.append([await _phase(serial, monitors, kind, interval, phase_s) for interval in order])
+        finally:
+            monitors.close()
+        received = sink.received if sink else None
+    return _kind_figures(kind, phases, monitors, received)
+
+
+def _label(interval: float | None) -> str:
+    return "off" if interval is None else f"{interval:g} s"
+
+
+def _kind_figures(kind: str, repeats: list[list[Phase]], monitors: _Monitors, received: int | None) -> dict[str, Any]:
+    by: dict[float | None, list[Phase]] = {p: [] for p in PHASES}
+    slow: dict[float, list[float]] = {i: [] for i in INTERVALS}
+    for phases in repeats:
+        off = next(p for p in phases if p.interval_s is None)
+        for p in phases:
+            by[p.interval_s].append(p)
+            if p.interval_s is not None:
+                slow[p.interval_s].append(slowdown_pct(kind, p.score, off.score))
+    offs = [p.score for p in by[None]]
+    rows = []
+    for interval in PHASES:
+        mine = by[interval]
+        wall = sum(p.wall_s for p in mine)
+        row: dict[str, Any] = {
+            "interval_s": interval,
+            "score": Summary.of([p.score for p in mine]).to_json(1),
+            "measurements_per_s": round(sum(p.measurements for p in mine) / wall, 2),
+            "aim_cpu_pct": round(sum(p.aim_cpu_s for p in mine) / wall * 100.0, 2),
+        }
+        if interval is not None:
+            ci = mean_ci95(slow[interval])
+            row["slowdown_pct"] = Summary.of(slow[interval]).to_json(2)
+            row["slowdown_mean_pct"] = None if ci is None else round(ci[0], 2)
+            row["slowdown_ci95_pct"] = None if ci is None else [round(ci[1], 2), round(ci[2], 2)]
+            goal = GOALS.get(interval)
+            row["goal_pct"] = goal
+            row["meets_goal"] = None if goal is None else judge(ci, goal)
+        rows.append(row)
+    return {
+        "kind": kind,
+        "unit": "us late per tick" if kind == "idle" else UNITS[kind],
+        "phases": rows,
+        # How much the guest's own throughput varies with AIM off, phase to phase: the noise floor.
+        "noise_pct": round(statistics.stdev(offs) / statistics.fmean(offs) * 100, 2) if len(offs) > 1 else None,
+        "verdicts": dict(monitors.verdicts),
+        "measure_ms": Summary.of(monitors.elapsed_ms).to_json(1),
+        "sink_received_bytes": received,
+    }
+
+
+def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Raises SmigError: a guest did not boot or stopped reporting (the guest is stopped)."""
+    say = progress or (lambda _: None)
+    setup = QUICK if quick else FULL
+
+    async def go() -> tuple[list[dict[str, Any]], str]:
+        say("building the reference manifest of the installed QEMU")
+        manifest = reference.build(reference.installed_qemu_files())
+        with tempfile.TemporaryDirectory(prefix="smig-bench-overhead-") as tmp:
+            root = Path(tmp)
+            accel, why = await QemuDriver(QemuConfig(home=root / "driver", cache=smig_cache())).accelerator()
+            kinds = []
+            for kind in KINDS:
+                say(f"{kind}: booting its guest")
+                kinds.append(await _kind(kind, root, accel, manifest, setup, say))
+        return kinds, f"{accel.value} ({why})"
+
+    kinds, accel = asyncio.run(go())
+    verdicts = [v for k in kinds for v in k["verdicts"]]
+    checks = [row["meets_goal"] for k in kinds for row in k["phases"] if row.get("goal_pct") is not None]
+    return {
+        "name": "overhead",
+        "repeats": int(setup["repeats"]),
+        "phase_s": setup["phase_s"],
+        "monitors": MONITORS,
+        "guest_mib": GUEST_MIB,
+        "accelerator": accel,
+        "cpus": os.cpu_count() or 1,
+        "results": kinds,
+        "all_measurements_matched": all(v == Verdict.MATCH.value for v in verdicts),
+        # True: every interval is under its goal; False: one is above; None: noise hides the answer.
+        "meets_goal": False if False in checks else (True if checks and all(checks) else None),
+        "goal": "slowdown under 1% at a mean interval of 1 s and under 5% at 0.1 s, for every kind",
+        "machine": machine(),
+    }
+
+
+def _goal_text(met: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "unresolved"}[met]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "### Overhead on guests: what AIM measuring a host costs its guests",
+        "",
+        f"One {r['guest_mib']} MiB guest per workload, its QEMU measured by {r['monitors']} real monitors (SMIG's "
+        f"defaults) on the same {r['cpus']} cores, under {r['accelerator']}. {r['repeats']} repeats of four "
+        f"{r['phase_s']:g} s phases (AIM off, mean interval 2 s, 1 s, 0.1 s) in rotated order; slowdown against the "
+        "same repeat's off phase. Compute, disk and net: lost throughput; idle: added timer lateness as a share of "
+        "its 10 ms tick. Slowdown: median (spread), mean [95% interval]. Goal: under 1% at 1 s and under 5% at 0.1 s; "
+        "met when the whole interval is under it, unresolved when the interval spans it.",
+        "",
+        "| workload | AIM off (median) | noise, off to off | interval | measurements/s | AIM CPU (% of a core) "
+        "| slowdown % | mean [95% interval] | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in r["results"]:
+        off = k["phases"][0]
+        for row in k["phases"][1:]:
+            ci = row["slowdown_ci95_pct"]
+            mean = "-" if ci is None else f"{row['slowdown_mean_pct']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+            goal = "-" if row["goal_pct"] is None else f"< {row['goal_pct']:g}%: {_goal_text(row['meets_goal'])}"
+            noise = "-" if k["noise_pct"] is None else f"{k['noise_pct']:.1f}%"
+            lines.append(
+                f"| {k['kind']} | {off['score']['median']:,.0f} {k['unit']} | {noise} | {row['interval_s']:g} s | "
+                f"{row['measurements_per_s']:.1f} | {row['aim_cpu_pct']:.1f} | "
+                f"{summary_text(row['slowdown_pct'], 2)} | {mean} | {goal} |"
+            )
+    matched = (
+        "every measurement matched the reference"
+        if r["all_measurements_matched"]
+        else "**some measurements did not match**"
+    )
+    lines += ["", f"Goal: {r['goal']}: {_goal_text(r['meets_goal'])}. The monitors' measurements: {matched}."]
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> Path:
+    """Slowdown bars per workload kind, one per mean interval, with 95% intervals and the goals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    width = 0.8 / len(INTERVALS)
+    for j, interval in enumerate(INTERVALS):
+        xs: list[float] = []
+        ys: list[float] = []
+        err: list[list[float]] = [[], []]
+        for i, k in enumerate(r["results"]):
+            row = next(p for p in k["phases"] if p["interval_s"] == interval)
+            mean, ci = row["slowdown_mean_pct"], row["slowdown_ci95_pct"]
+            if mean is None:
+                mean, ci = row["slowdown_pct"]["median"], [row["slowdown_pct"]["low"], row["slowdown_pct"]["high"]]
+            xs.append(i + (j - (len(INTERVALS) - 1) / 2) * width)
+            ys.append(mean)
+            err[0].append(mean - ci[0])
+            err[1].append(ci[1] - mean)
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=f"mean interval {interval:g} s")
+    for interval, goal in GOALS.items():
+        ax.axhline(goal, ls="--", lw=1, color="grey")
+        ax.text(len(r["results"]) - 0.5, goal, f" goal at {interval:g} s", va="bottom", ha="right", fontsize=7)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(r["results"])), [k["kind"] for k in r["results"]])
+    ax.set_ylabel("slowdown (%), mean and 95% interval")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
