@@ -117,13 +117,14 @@ def test_overhead_runs_every_workload_with_aim_off_and_on_and_judges_the_goal(tm
     for kind, k in kinds.items():
         phases = {p["interval_s"]: p for p in k["phases"]}
         assert set(phases) == {None, 2.0, 1.0, 0.1}
-        assert phases[None]["measurements_per_s"] == 0 and phases[None]["score"]["n"] == 2
+        assert phases[None]["measurements_per_s"] == 0 and phases[None]["score"]["n"] == 7, "off between all"
         assert phases[0.1]["measurements_per_s"] > phases[2.0]["measurements_per_s"], kind
-        assert phases[0.1]["aim_cpu_pct"] > 0
+        assert phases[0.1]["aim_cpu_pct"] > 0 and phases[None]["run_queue_wait_pct"] >= 0
         if kind != "idle":
             assert phases[None]["score"]["median"] > 0, f"the {kind} guest made progress"
         for interval in (2.0, 1.0, 0.1):
             row = phases[interval]
+            assert row["slowdown_pct"]["n"] == row["cpu_lost_pct"]["n"] == 2
             low, high = row["slowdown_ci95_pct"]
             assert low <= row["slowdown_mean_pct"] <= high
             goal = row["goal_pct"]

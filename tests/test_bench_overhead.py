@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,25 @@ def test_the_interval_is_students_and_the_goal_is_judged_by_its_ends() -> None:
     assert judge((2.0, 1.5, 2.5), 1.0) is False
     assert judge((0.8, 0.1, 1.5), 1.0) is None, "an interval that spans the goal decides nothing"
     assert judge(None, 1.0) is None
+
+
+def test_off_phases_surround_every_measured_phase_and_the_order_rotates() -> None:
+    order = overhead.phase_order(2)
+    assert order == [None, 2.0, None, 1.0, None, 0.1, None, 1.0, None, 0.1, None, 2.0, None]
+
+
+def test_the_run_queue_wait_of_a_process_grows_while_it_competes_for_a_cpu() -> None:
+    # One more busy process than there are cores: each of them must wait for a CPU at times.
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        before = overhead.run_queue_wait_s(busy[0].pid)
+        time.sleep(1.0)
+        assert overhead.run_queue_wait_s(busy[0].pid) - before > 0.01
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert overhead.run_queue_wait_s(busy[0].pid) == 0.0, "a process that is gone waited for nothing"
 
 
 def test_the_serial_reader_keeps_only_whole_lines_of_its_workload(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ class Orders:
         self.listeners: list[Any] = []
         self.rounds: list[float] = []
         self._active = active
+        self.answered = asyncio.Event()
 
     async def resume(self) -> None:
         return None
@@ -25,9 +26,13 @@ class Orders:
     def active(self) -> list[str]:
         return ["o"] if self._active else []
 
-    async def run_once(self) -> bool:
+    async def run_once(self, *, wait: bool = True) -> bool:
         self.rounds.append(time.monotonic())
+        self.answered.set()
         return True
+
+    async def stop(self) -> None:
+        return None
 
 
 def rounds_in(seconds: float, orders: Orders, poll_s: float) -> list[float]:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,6 +159,96 @@ def test_a_slot_freed_in_a_round_goes_to_a_waiting_order_in_that_round(db: Path)
     third_prepared = next(i for i, (_, prepared) in enumerate(rounds) if len(prepared) == 3)
     assert third_prepared == first_landed, rounds
     assert rounds[-1][0] == {"a", "b", "c"}
+
+
+class SlowTarget(FakeRegionAgents):
+    """One host's ``prepare_incoming`` waits for a gate: a destination QEMU slow to start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = ""
+        self.gate = asyncio.Event()
+        self.cancelled = 0
+
+    def agent(self, host: str) -> Any:
+        real = super().agent(host)
+        if host != self.slow:
+            return real
+        outer = self
+
+        class Slow:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            async def prepare_incoming(self, vm: PlacedVM, order_id: str) -> str:
+                try:
+                    await outer.gate.wait()
+                except asyncio.CancelledError:
+                    outer.cancelled += 1
+                    raise
+                return await real.prepare_incoming(vm, order_id)
+
+        return Slow()
+
+
+def test_without_waiting_a_slow_call_holds_back_no_other_order(db: Path) -> None:
+    # The service's rounds do not wait for the agents' calls: while one destination takes its time
+    # to prepare, the other VM moves all the way, and the slow one goes on once it answers.
+    vms = [vm("a"), vm("b")]
+    fake = SlowTarget()
+    build_region(db, vms, fake)
+
+    async def go() -> None:
+        with SQLiteStore(db) as store:
+            orch = orchestrator(store, fake, Clock())
+            slow, other = await orch.evacuate(BAD, "mismatch confirmed by t1, t2")
+            fake.slow = slow.target
+            for _ in range(200):
+                await orch.run_once(wait=False)
+                await asyncio.sleep(0)
+                states = {o.vm.name: o.state for o in orch.orders()}
+                if states[other.vm.name] is OrderState.DONE:
+                    break
+            assert states == {other.vm.name: OrderState.DONE, slow.vm.name: OrderState.PREPARING}, states
+            assert fake.running_on(slow.vm.name) == [BAD], "the slow one has not moved, nor been lost"
+            assert orch.answered.is_set(), "answers that move an order on say so"
+            fake.gate.set()
+            for _ in range(200):
+                if not orch.active():
+                    break
+                await orch.run_once(wait=False)
+                await asyncio.sleep(0)
+            assert_evacuated(store, fake, vms)
+
+    asyncio.run(go())
+
+
+def test_stopping_cancels_the_calls_still_out_and_a_restart_resumes_them(db: Path) -> None:
+    vms = [vm("a")]
+    fake = SlowTarget()
+    build_region(db, vms, fake)
+
+    async def first_run() -> None:
+        with SQLiteStore(db) as store:
+            orch = orchestrator(store, fake, Clock())
+            (order,) = await orch.evacuate(BAD, "mismatch confirmed by t1, t2")
+            fake.slow = order.target
+            await orch.run_once(wait=False)
+            await orch.run_once(wait=False)
+            await asyncio.sleep(0)
+            await orch.stop()
+            assert fake.cancelled == 1
+
+    async def second_run() -> None:
+        fake.gate.set()
+        with SQLiteStore(db) as store:
+            orch = orchestrator(store, fake, Clock())
+            await orch.resume()
+            await orch.run_until_idle(600)
+            assert_evacuated(store, fake, vms)
+
+    asyncio.run(first_run())
+    asyncio.run(second_run())
 
 
 def test_a_stalled_target_times_out_by_size_and_the_vm_goes_to_the_next_best(db: Path) -> None:

@@ -150,7 +150,7 @@ def suite(
     plots: Path = typer.Option(Path("docs/plots"), "--plots", help="Directory of the PNG plots."),
     only: list[str] = typer.Option([], "--only", help="Run only these benchmarks (repeatable)."),
 ) -> None:
-    """Run the suite: measure, detection, transient, placement, migration, response.
+    """Run the suite: measure, detection, transient, placement, migration, overhead, response.
 
     Each writes its figures to RESULTS/NAME.json, its plot (if it draws one) to PLOTS, and its
     section of the --write file. `make bench` runs this, then the deeper scripts in bench/ (AIM

@@ -11,7 +11,6 @@ stream as a ``migration.<state>`` or ``migration.progress`` event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -72,26 +71,45 @@ class Evacuations:
             except SmigError as e:
                 log.error("resuming the evacuations in flight failed (retrying): %s", e)
                 await asyncio.sleep(1.0)
+        try:
+            await self._drive()
+        finally:
+            await self.orchestrator.stop()
+
+    async def _drive(self) -> None:
         burst = 0
         while True:
+            delay = 1.0
             if self.orchestrator.active():
                 delay = self.poll_interval_s
                 try:
-                    # An answer that moves an order on: take its next step now. A few rounds in a
-                    # row at most, so an order that keeps asking `where` cannot spin.
-                    if await self.orchestrator.run_once() and burst < MAX_BURST:
-                        delay = 0.0
+                    # The agents' calls run on by themselves; their answers wake the loop below.
+                    await self.orchestrator.run_once(wait=False)
                 except SmigError as e:
                     log.error("an evacuation round failed (retrying): %s", e)
                 except Exception:
                     # A bug in one round must not end every evacuation for the life of the service.
                     log.exception("an evacuation round failed unexpectedly (retrying)")
-            else:
-                delay = 1.0
-            burst = burst + 1 if delay == 0.0 else 0
             self._wake.clear()
-            if delay == 0.0:
-                await asyncio.sleep(0)  # let the API's requests in between the rounds
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            # An answer that moves an order on: take its next step now. A few rounds in a row at
+            # most, so an order that keeps asking `where` cannot spin.
+            answered = self.orchestrator.answered
+            if burst < MAX_BURST:
+                if not answered.is_set():
+                    await _first(delay, self._wake, answered)
+                burst = burst + 1 if answered.is_set() else 0
+            else:
+                await _first(delay, self._wake)
+                burst = 0
+            answered.clear()
+            await asyncio.sleep(0)  # let the API's requests in between the rounds
+
+
+async def _first(timeout_s: float, *events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set, or ``timeout_s`` has passed."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

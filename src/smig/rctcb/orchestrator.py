@@ -7,6 +7,10 @@ changed, each with its ``migration.<state>`` audit entry, in **one** transaction
 calls the agents (write-ahead). An order that reaches DONE moves its VM's placement and both hosts'
 load in that same transaction. The agents' answers are kept in memory as the next observations.
 
+In the service each order's calls run as a task of their own (``run_once(wait=False)``): an order
+whose destination takes seconds to prepare holds back no other order, and the round after an
+answer arrives acts on it. An order whose call is still out is left alone until it answers.
+
 A crash can therefore lose only answers, never a step: :meth:`Orchestrator.resume` reloads the
 active orders, cleans up earlier attempts, asks ``where`` every host of each order holds the VM,
 and lets the state machine decide from that ground truth. Every agent call is idempotent per
@@ -16,6 +20,7 @@ order id, so re-issuing the step written last is always safe.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -94,6 +99,10 @@ class Orchestrator:
         self._clock = clock
         self._orders: dict[str, Order] = {}
         self._pending: dict[str, Observation] = {}  # the agents' last answers, not yet acted on
+        self._calls: dict[str, asyncio.Task[tuple[str, Observation | None]]] = {}  # order id -> its calls
+        self._decisive = False
+        # Set when an answer came back that lets its order move on at once (see `_moves_on`).
+        self.answered = asyncio.Event()
         # Told of every order step once it is committed, and of each progress answer: the
         # service streams them as ``migration.*`` events.
         self.listeners: list[Callable[[str, dict[str, object]], None]] = []
@@ -177,15 +186,21 @@ class Orchestrator:
             if obs is not None:
                 self._pending[order.id] = obs
 
-    async def run_once(self) -> bool:
-        """Advance every active order one step: decide, commit, then act. True when an answer came
-        back that lets an order move on at once (a slot prepared, a migration ended, a `where`...),
-        so the caller need not wait before the next round. Raises StoreError."""
+    async def run_once(self, *, wait: bool = True) -> bool:
+        """Advance every active order one step: decide, commit, then act. Returns True when an
+        answer came back that lets an order move on at once (a slot prepared, a migration ended, a
+        `where`...), so the caller need not wait before the next round. Raises StoreError.
+
+        ``wait``: await this round's agent calls before returning. Without it they run on as tasks;
+        each order's answer is taken in as it comes (setting :attr:`answered` if it is decisive),
+        and an order with a call still out is skipped by the rounds until then."""
         async with self._deciding:
             now = self._clock()
             admitted: dict[str, Observation] = self._admit(now)
             steps: list[tuple[Order, Order, tuple[Action, ...]]] = []
             for order in self.active():
+                if order.id in self._calls:
+                    continue  # its last step's call has not answered yet
                 obs = admitted.get(order.id) or self._pending.pop(order.id, Tick())
                 new, actions = next_step(order, obs, now, self._config)
                 if new.state in (OrderState.FENCING, OrderState.FAILED) and order.state in _RETRYABLE:
@@ -200,23 +215,52 @@ class Orchestrator:
                 # A slot freed in this round goes to a waiting order now: the calls below can take
                 # seconds (a destination booting), and it would wait for all of them otherwise.
                 steps += await self._start_waiting(now)
-        results = await asyncio.gather(*(self._execute(new, actions) for _, new, actions in steps if actions))
-        decisive = False
-        for order_id, answer in results:
-            if answer is not None and order_id in self._orders:
-                self._pending[order_id] = answer
-                decisive |= _moves_on(answer)
-                if isinstance(answer, Progress):
-                    view = answer.view
-                    self._tell(
-                        "migration.progress",
-                        self._orders[order_id],
-                        at=self._clock(),
-                        status=view.status.value,
-                        transferred_bytes=view.transferred_bytes,
-                        remaining_bytes=view.remaining_bytes,
-                    )
+            launched = []
+            for _, new, actions in steps:
+                if actions:
+                    task = asyncio.get_running_loop().create_task(self._execute(new, actions))
+                    self._calls[new.id] = task
+                    task.add_done_callback(functools.partial(self._answer, new.id))
+                    launched.append(task)
+        if wait:
+            await asyncio.gather(*launched)  # a call's unexpected exception (a bug) propagates, as it did
+        decisive, self._decisive = self._decisive, False
         return decisive
+
+    def _answer(self, order_id: str, task: asyncio.Task[tuple[str, Observation | None]]) -> None:
+        """Take in one order's answer (a done-callback, on the event loop)."""
+        if self._calls.get(order_id) is task:
+            del self._calls[order_id]
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("an evacuation call failed unexpectedly", exc_info=task.exception())
+            return
+        _, answer = task.result()
+        if answer is None or order_id not in self._orders:
+            return
+        self._pending[order_id] = answer
+        if _moves_on(answer):
+            self._decisive = True
+            self.answered.set()
+        if isinstance(answer, Progress):
+            view = answer.view
+            self._tell(
+                "migration.progress",
+                self._orders[order_id],
+                at=self._clock(),
+                status=view.status.value,
+                transferred_bytes=view.transferred_bytes,
+                remaining_bytes=view.remaining_bytes,
+            )
+
+    async def stop(self) -> None:
+        """Cancel the agent calls still out (the service is stopping). Every call is idempotent per
+        step, and the steps are written: the next run's :meth:`resume` finds where things stand."""
+        calls = list(self._calls.values())
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
 
     async def _start_waiting(self, now: float) -> list[tuple[Order, Order, tuple[Action, ...]]]:
         """Admit PLANNED orders into the slots free now, commit their first step; their steps."""
