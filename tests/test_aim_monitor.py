@@ -174,3 +174,24 @@ def test_no_false_alarm_in_a_thousand_rounds_while_vms_launch_migrate_and_stop(
     assert mismatches == []
     assert len(seen) >= 4, f"the churn must have started several QEMUs beside the monitor: {events}"
     assert any(e.startswith("migrated") for e in events)
+
+
+def test_blake3s_threads_hash_at_the_monitors_priority_whoever_started_them() -> None:
+    # A fresh interpreter whose main thread (normal priority) starts BLAKE3's native pool first,
+    # as building a reference manifest does; after `lower_native_threads`, which every measurement
+    # calls, that pool hashes at the monitor's lower priority, and the main thread keeps its own.
+    script = """
+import os, threading, blake3
+from smig.aim import monitor
+blake3.blake3(b"x" * (8 << 20), max_threads=blake3.blake3.AUTO).digest()
+def nice(t): return os.getpriority(os.PRIO_PROCESS, t)
+ours = {t.native_id for t in threading.enumerate()}
+native = [int(t) for t in os.listdir("/proc/self/task") if int(t) not in ours]
+assert native and all(nice(t) == 0 for t in native), "BLAKE3 started its pool at normal priority"
+monitor.lower_native_threads()
+assert all(nice(t) == monitor.MEASURE_NICE for t in native), [nice(t) for t in native]
+assert nice(threading.get_native_id()) == 0, "the main thread keeps its priority"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

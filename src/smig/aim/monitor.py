@@ -60,12 +60,36 @@ class Observation:
     cpu_s: float
 
 
-def _lower_priority() -> None:
-    # Per-thread niceness on Linux: only the measuring thread yields to the guests.
+def _lower(tid: int) -> None:
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MEASURE_NICE)
+        if os.getpriority(os.PRIO_PROCESS, tid) < MEASURE_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, MEASURE_NICE)
     except OSError:
-        log.debug("cannot lower the measuring thread's priority")
+        log.debug("cannot lower the priority of thread %d", tid)
+
+
+def _lower_priority() -> None:
+    # Per-thread niceness on Linux: the measuring thread yields to the guests, and the threads it
+    # starts (the hashing and pagemap pools) inherit its niceness.
+    _lower(threading.get_native_id())
+    lower_native_threads()
+
+
+def lower_native_threads() -> None:
+    """Lower the threads of this process that Python did not start: BLAKE3's (rayon's) pool.
+
+    That pool is started by whichever thread first hashed with several threads, perhaps one at
+    normal priority (building a reference manifest, say), and it would then hash every later
+    measurement at the guests' priority. In a monitor's process it only ever hashes.
+    """
+    ours = {t.native_id for t in threading.enumerate()}
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return
+    for tid in tids:
+        if tid not in ours:
+            _lower(tid)
 
 
 class Monitor:
@@ -128,6 +152,7 @@ class Monitor:
             measured_bytes=m.bytes,
         )
         signed = sign_report(report, self._key)
+        lower_native_threads()  # BLAKE3 may have started its pool during this measurement
         return Observation(signed, report, m, time.thread_time() + self._measurer.worker_cpu_s - cpu0)
 
     async def measure_now(self, subject: Subject) -> Observation:
