@@ -95,8 +95,8 @@ def test_migration_moves_real_guests_and_sees_downtime_twice() -> None:
 
 
 @pytest.mark.qemu
-def test_response_times_the_rctcb_and_a_real_evacuation_against_direct_migrations() -> None:
-    r = bench("response", "--quick", "--json")
+def test_response_times_the_rctcb_and_a_real_evacuation_against_direct_migrations(tmp_path: Path) -> None:
+    r = bench("response", "--quick", "--json", "--plot", str(tmp_path / "breakdown.png"))
     (reaction,) = r["reaction"]
     assert reaction["trials"] == 20 and 0 < reaction["p50_ms"] <= reaction["p99_ms"]
     assert r["meets_reaction_goal"] == (reaction["p99_ms"] < r["goal_reaction_p99_ms"])
@@ -105,6 +105,11 @@ def test_response_times_the_rctcb_and_a_real_evacuation_against_direct_migration
     assert 0 < run["tamper_to_untrusted_ms"] < run["response_ms"]
     assert 0 < run["evacuation_ms"] < run["response_ms"] and run["direct_ms"] > 0
     assert run["ratio_vs_direct"] == round(run["evacuation_ms"] / run["direct_ms"], 4)
+    (vm,) = run["per_vm"]
+    phases = [phase for phase, _, _ in vm["segments"]]
+    assert phases[:3] == ["detect", "judge", "plan"] and "migrating" in phases, phases
+    assert vm["segments"][-1][2] <= run["response_ms"] + 1, "the phases end by the time the VM landed"
+    assert (tmp_path / "breakdown.png").stat().st_size > 10_000
 
 
 @pytest.mark.qemu

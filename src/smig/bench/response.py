@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import tempfile
@@ -114,7 +115,28 @@ def _evacuate(lab: str, vms: int, dirty: int, say: Progress) -> dict[str, Any]:
         "vms": len(moved),
         "same_boot": sum(v["boot_id_before"] == v["boot_id_after"] for v in moved),
         "downtime_ms": [v["downtime_ms"] for v in moved],
+        "per_vm": [{"vm": v["name"], "mode": v["mode"], "segments": breakdown(v)} for v in moved],
     }
+
+
+def breakdown(vm: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """Where one VM's response time went, as (phase, start, end) in ms after the tamper: detection
+    (the first accepted mismatch), judging (to UNTRUSTED), then each step of its order, named after
+    the state it spent that time in (a demo timeline's VM, :func:`smig.lab.demo.timeline`)."""
+    t0 = vm["tamper_at"]
+    marks = [("detect", vm["detected_at"]), ("judge", vm["untrusted_at"])]
+    steps = vm["steps"]
+    if steps:
+        marks.append(("plan", steps[0]["at"]))
+    marks += [(a["kind"].split(".", 1)[1], b["at"]) for a, b in itertools.pairwise(steps)]
+    out = []
+    start = t0
+    for phase, end in marks:
+        if end is None:
+            continue
+        out.append((phase, round((start - t0) * 1000, 1), round((end - t0) * 1000, 1)))
+        start = end
+    return out
 
 
 async def _direct(vms: int, dirty: int) -> float:
@@ -176,6 +198,50 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
         "meets_ratio_goal": bool(ratios) and len(ratios) == len(runs) and max(ratios) <= GOAL_RATIO,
         "machine": machine(),
     }
+
+
+PHASE_COLOURS = {
+    "detect": "#9ecae1",
+    "judge": "#3182bd",
+    "plan": "#fdae6b",
+    "planned": "#fdd0a2",
+    "preparing": "#e6550d",
+    "migrating": "#31a354",
+    "completing": "#a1d99b",
+    "fencing": "#756bb1",
+    "restarting": "#de2d26",
+}
+
+
+def plot(r: dict[str, Any], path: Path) -> Path:
+    """The response-time breakdown per VM, one panel per load for the largest number of guests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    most = max((x["vms"] for x in r["runs"]), default=0)
+    runs = [x for x in r["runs"] if x["vms"] == most and x.get("per_vm")]
+    fig, axes = plt.subplots(len(runs) or 1, 1, figsize=(7.5, 1.0 + 0.35 * most * max(1, len(runs))), squeeze=False)
+    seen: set[str] = set()
+    for ax, run_ in zip(axes[:, 0], runs, strict=False):
+        for row, vm in enumerate(run_["per_vm"]):
+            for phase, start, end in vm["segments"]:
+                label = None if phase in seen else phase
+                seen.add(phase)
+                ax.barh(row, (end - start) / 1000, left=start / 1000, color=PHASE_COLOURS.get(phase, "grey"),
+                        label=label)  # fmt: skip
+        ax.set_yticks(range(len(run_["per_vm"])), [f"{v['vm']} ({v['mode']})" for v in run_["per_vm"]], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{most} guests, {run_['dirty_mbps']} MiB/s dirtied each", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("seconds after the tamper")
+    fig.legend(loc="lower center", ncol=5, fontsize=7, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ PLOTS = {
     "detection": "detection-cdf.png",
     "transient": "transient-probability.png",
     "overhead": "overhead-slowdown.png",
+    "response": "response-breakdown.png",
 }
 
 

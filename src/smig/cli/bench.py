@@ -129,15 +129,20 @@ def overhead(
 
 
 @app.command("response")
-def response(quick: bool = _QUICK, as_json: bool = _JSON) -> None:
+def response(
+    quick: bool = _QUICK,
+    as_json: bool = _JSON,
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw each VM's response-time breakdown into this PNG."),
+) -> None:
     """Time the response: UNTRUSTED to the first migration command, and tamper to every VM moved.
 
     The RC-TCB's reaction in process over 100 trials (goal p99 under 20 ms); then, in a lab of
     four hosts, 1, 2, 4 and 8 guests on the tampered host, idle and dirtying (--quick: one idle
     guest), against the same guests migrated directly on loopback in the same run (goal: SMIG's
-    evacuation within 1.1x). Needs root, like `smig lab`.
+    evacuation within 1.1x). Needs root, like `smig lab`. JSON: per run, per_vm lists each VM's
+    phases (detect, judge, then its order's states) in ms after the tamper, as --plot draws them.
     """
-    _run("response", quick, as_json)
+    _run("response", quick, as_json, plot)
 
 
 @app.command("all")
