@@ -115,8 +115,22 @@ def _evacuate(lab: str, vms: int, dirty: int, say: Progress) -> dict[str, Any]:
         "vms": len(moved),
         "same_boot": sum(v["boot_id_before"] == v["boot_id_after"] for v in moved),
         "downtime_ms": [v["downtime_ms"] for v in moved],
-        "per_vm": [{"vm": v["name"], "mode": v["mode"], "segments": breakdown(v)} for v in moved],
+        "per_vm": [
+            {
+                "vm": v["name"],
+                "mode": v["mode"],
+                "segments": breakdown(v),
+                # Why a move left the live path: the reasons its fencing and restart steps carry.
+                "why_not_live": sorted(
+                    {s["reason"] for s in v["steps"] if s["kind"] in _OFF_THE_LIVE_PATH and s["reason"]}
+                ),
+            }
+            for v in moved
+        ],
     }
+
+
+_OFF_THE_LIVE_PATH = ("migration.fencing", "migration.restarting", "migration.failed")
 
 
 def breakdown(vm: dict[str, Any]) -> list[tuple[str, float, float]]:
@@ -277,4 +291,13 @@ def markdown(r: dict[str, Any]) -> str:
         )
     met = "met" if r["meets_ratio_goal"] else "not met"
     lines += ["", f"**Goal: SMIG's evacuation within {r['goal_ratio']}x of the direct migrations: {met}.**"]
+    off_path = [
+        f"{x['vms']} guests, {x['dirty_mbps']} MiB/s: {v['vm']} ({v['mode']}): {'; '.join(v['why_not_live'])}"
+        for x in r["runs"]
+        for v in x.get("per_vm", [])
+        if v.get("why_not_live")
+    ]
+    if off_path:
+        lines += ["", "Moves that left the live path, and why (from the audit log):", ""]
+        lines += [f"- {line}" for line in off_path]
     return "\n".join(lines)

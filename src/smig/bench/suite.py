@@ -149,6 +149,9 @@ def _overhead(r: dict[str, Any]) -> list[Goal]:
         rows = [(k["kind"], next(p for p in k["phases"] if p["interval_s"] == interval)) for k in r["results"]]
         checks = [row["meets_goal"] for _, row in rows]
         figure = ", ".join(f"{kind} {_slowdown(row)}" for kind, row in rows)
+        lost = [row["cpu_lost_pct"]["mean"] for _, row in rows if row.get("cpu_lost_pct", {}).get("mean") is not None]
+        if lost:
+            figure += f"; CPU the guests' threads lost: {min(lost):+.1f} to {max(lost):+.1f}% of a core"
         met = False if False in checks else (True if all(checks) else None)
         out.append((f"overhead on guests at {interval:g} s: under {goal:g}% for every workload", figure, met))
     return out
