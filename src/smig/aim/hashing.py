@@ -205,15 +205,20 @@ class Reader:
     def flat_digests(self, views: Sequence[memoryview]) -> list[str]:
         """The flat digest of each view, in order.
 
-        Large views go one at a time through BLAKE3's own threads (unless this Reader has only
-        one); the small ones are shared out between this Reader's threads (each call releases
-        the GIL). BLAKE3's threads are not on this Reader's clock, so the process's CPU time
-        over those calls is charged to :attr:`worker_cpu_s`, less the caller's own: anything
-        else the process ran meanwhile is charged too, which errs toward measuring less often.
+        The views are shared out between this Reader's threads, largest first, each to the least
+        loaded (each call releases the GIL), and each is hashed on one thread: balanced that way,
+        a QEMU's code hashes as fast as BLAKE3's own threads hash one buffer of the same size,
+        and a third faster than BLAKE3's threads taking the large views one at a time (measured:
+        5.1 against 8.8 ms for 20 MiB in 52 views on 2 cores). Only a view larger than a fair
+        share goes first, alone, through BLAKE3's threads. Their time is not on this Reader's
+        clock, so the process's CPU time over that call is charged to :attr:`worker_cpu_s`, less
+        the caller's own: anything else the process ran meanwhile is charged too, which errs
+        toward measuring less often.
         """
         out = [""] * len(views)
         parallel = self.algorithm is HashAlgorithm.BLAKE3 and self.threads > 1
-        big = [i for i, v in enumerate(views) if parallel and len(v) >= _MULTITHREAD_MIN]
+        fair = sum(len(v) for v in views) / self.threads
+        big = [i for i, v in enumerate(views) if parallel and len(v) >= _MULTITHREAD_MIN and len(v) > fair]
         small = sorted(set(range(len(views))) - set(big), key=lambda i: -len(views[i]))
         shares: list[list[int]] = [[] for _ in range(self.threads)]
         loads = [0] * self.threads

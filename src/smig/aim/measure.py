@@ -102,6 +102,7 @@ class Measurer:
         self._shadow = Shadow() if in_place else None
         self._wants_pagemap = cow_check or share_clean or in_place
         self._pagemap_pool: ThreadPoolExecutor | None = None
+        self._segments: dict[tuple[str, int, int], SegmentRef | None] = {}
         self._maps: dict[int, tuple[str, list[MemoryMapping]]] = {}
         self._in_place_bytes = 0
         self._reader = Reader(manifest.algorithm, manifest.leaf_size, threads=threads)
@@ -294,10 +295,16 @@ class Measurer:
         return {m.start: e for m, e in zip(wanted, mine + other.result(), strict=True)}
 
     def _segment(self, m: MemoryMapping) -> SegmentRef | None:
-        """The reference segment ``m`` maps, if the manifest knows its module and it fits exactly."""
-        module = self.manifest.modules.get(m.path)
-        seg = module.segment_at(m.offset) if module is not None else None
-        return seg if seg is not None and seg.length == m.length else None
+        """The reference segment ``m`` maps, if the manifest knows its module and it fits exactly
+        (looked up once per (path, offset, length): the manifest does not change)."""
+        key = (m.path, m.offset, m.length)
+        if key not in self._segments:
+            if len(self._segments) >= 4096:  # a subject inventing mappings must not grow it forever
+                self._segments.clear()
+            module = self.manifest.modules.get(m.path)
+            seg = module.segment_at(m.offset) if module is not None else None
+            self._segments[key] = seg if seg is not None and seg.length == m.length else None
+        return self._segments[key]
 
     def _judge_module(self, pid: int, m: MemoryMapping, digest: str, leaves: list[bytes], out: _Round) -> bool:
         if m.path not in self.manifest.modules:

@@ -16,6 +16,7 @@ even if the path was since replaced or deleted; its device and inode are checked
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 
@@ -36,7 +37,13 @@ _PRESENT_FILE = bytes(1 if b & 0xE0 == 0xA0 else 0 for b in range(256))
 
 
 def _device(mapping: MemoryMapping) -> int:
-    major, minor = (int(x, 16) for x in mapping.device.split(":"))
+    return _device_number(mapping.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_number(device: str) -> int:
+    """``"fd:01"`` as maps shows it, as ``st_dev`` numbers it (a machine has only a few)."""
+    major, minor = (int(x, 16) for x in device.split(":"))
     return os.makedev(major, minor)
 
 
