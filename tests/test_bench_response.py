@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from smig.bench.response import breakdown
 
 
@@ -30,5 +32,5 @@ def test_each_phase_runs_from_the_end_of_the_one_before_in_ms_after_the_tamper()
 
 
 def test_a_vm_never_ordered_shows_only_what_happened() -> None:
-    vm = {"tamper_at": 5.0, "detected_at": 5.2, "untrusted_at": None, "steps": []}
+    vm: dict[str, Any] = {"tamper_at": 5.0, "detected_at": 5.2, "untrusted_at": None, "steps": []}
     assert breakdown(vm) == [("detect", 0.0, 200.0)]

@@ -56,6 +56,9 @@ def test_progress_from_query_migrate() -> None:
         ("Failed to connect socket: Connection refused", DestinationUnreachable),
         ("Failed to connect to '/x/migrate.sock': No such file or directory", DestinationUnreachable),
         ("TLS handshake failed: The certificate is NOT trusted.", TLSError),
+        # A path that happens to hold "tls" (a temporary directory's random name) is no TLS failure.
+        ("Failed to connect to '/tmp/smig-tlszmh7ut/migrate.sock': Connection refused", DestinationUnreachable),
+        ("Certificate does not have key usage digitalSignature", TLSError),
         ("Unable to write to socket: Bad address", MigrationError),
         (None, MigrationError),
     ],

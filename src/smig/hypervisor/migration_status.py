@@ -5,6 +5,7 @@ Pure functions over QMP replies, so they are tested without a QEMU.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from smig.errors import DestinationUnreachable, MigrationError, TLSError
@@ -21,6 +22,9 @@ _UNREACHABLE = (
     "broken pipe",
 )
 _TLS = ("tls", "certificate", "handshake", "x509", "gnutls")
+# QEMU quotes the paths and addresses it names; a word inside one (a directory called
+# ".../smig-tlsq1w2/...") says nothing about why the migration failed.
+_QUOTED = re.compile(r"'[^']*'")
 
 
 def progress_from_query(reply: dict[str, Any]) -> MigrationProgress:
@@ -68,7 +72,7 @@ def stats_from_query(
 def classify_failure(desc: str | None, *, vm: str | None = None) -> MigrationError:
     """The typed error for QEMU's account of why a migration failed."""
     text = (desc or "no reason given").strip()
-    low = text.lower()
+    low = _QUOTED.sub("''", text.lower())
     if any(word in low for word in _TLS):
         return TLSError(f"migration of {vm} refused over TLS: {text}", vm=vm)
     if any(word in low for word in _UNREACHABLE):
