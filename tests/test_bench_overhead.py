@@ -1,4 +1,4 @@
-"""The overhead benchmark's arithmetic and the guest it builds, without booting one."""
+"""The overhead benchmark's arithmetic and the workload guests it builds, without booting one."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from smig.bench import overhead
-from smig.bench.overhead import Sample, _Serial, judge, mean_ci95, score, slowdown_pct
+from smig.bench import overhead, workload
+from smig.bench.stats import judge, mean_ci95
+from smig.bench.workload import Sample, Serial, score, slowdown_pct
 from smig.hypervisor.qemu_argv import InstancePaths
 from smig.model import Accel
 
@@ -63,7 +64,7 @@ def test_the_run_queue_wait_of_a_process_grows_while_it_competes_for_a_cpu() -> 
 def test_the_serial_reader_keeps_only_whole_lines_of_its_workload(tmp_path: Path) -> None:
     log = tmp_path / "heartbeat.log"
     log.write_bytes(b"SMIG-HB id 1 100\nSMIG-WL disk 1024 250 0\nSMIG-WL net 5 250 0\nSMIG-WL disk 20")
-    serial = _Serial(log, "disk")
+    serial = Serial(log, "disk")
     assert serial.mark() == 1
     with log.open("ab") as f:
         f.write(b"48 500 0\nSMIG-WL disk x 750 0\n")
@@ -78,11 +79,11 @@ def test_the_guest_gets_its_device_and_its_workload_on_the_kernel_line(
 
     monkeypatch.setattr("smig.guest.image.ImageBuilder.load", lambda self: Image())
     paths = InstancePaths(tmp_path)
-    disk = overhead.guest_argv("disk", paths, Accel.TCG)
+    disk = workload.guest_argv("disk", paths, Accel.TCG)
     assert "virtio-blk-pci,drive=disk0" in disk and (tmp_path / "disk.raw").stat().st_size == 64 << 20
     assert disk[disk.index("-append") + 1].endswith("smig_modules=1 smig_work=disk")
-    net = overhead.guest_argv("net", paths, Accel.TCG, net_port=4321)
+    net = workload.guest_argv("net", paths, Accel.TCG, net_port=4321)
     assert "user,id=net0" in net and "hostfwd" not in " ".join(net), "nothing listens on the host for the guest"
     assert "smig_net_port=4321" in net[net.index("-append") + 1]
     with pytest.raises(ValueError):
-        overhead.guest_argv("net", paths, Accel.TCG)
+        workload.guest_argv("net", paths, Accel.TCG)

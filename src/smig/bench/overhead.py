@@ -1,7 +1,7 @@
 """Overhead on guests: how much AIM measuring a host slows the guests running on it.
 
 The paper's own question. A guest (256 MiB, SMIG's guest image) runs one workload and reports its
-progress on its serial port every 250 ms (``smig-guest work``):
+progress on its serial port every 250 ms (``smig-guest work``, booted by :mod:`smig.bench.workload`):
 
 - ``compute``: rounds of an integer mix, CPU only;
 - ``disk``: 1 MiB blocks written and read back with O_DIRECT on a virtio-blk disk (a raw file in
@@ -35,12 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import os
-import socket
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -53,204 +50,23 @@ from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.reference import Manifest
 from smig.aim.schedule import Schedule
-from smig.bench.stats import Progress, Summary, machine
+from smig.bench.stats import Progress, Summary, judge, machine, mean_ci95
+from smig.bench.workload import GUEST_MIB, UNITS, Serial, score, slowdown_pct, workload_guest
 from smig.errors import BenchError
-from smig.guest.image import ImageBuilder
 from smig.hypervisor import process
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
-from smig.hypervisor.qemu_argv import InstancePaths, qemu_argv
-from smig.model import Accel, Verdict, VMSpec
+from smig.model import Accel, Verdict
 from smig.paths import smig_cache
 from smig.rctcb.region import RegionConfig
 
 KINDS = ("idle", "compute", "disk", "net")
-UNITS = {"idle": "ticks/s", "compute": "rounds/s", "disk": "KiB/s", "net": "KiB/s"}
 INTERVALS = (2.0, 1.0, 0.1)
 GOALS = {1.0: 1.0, 0.1: 5.0}  # mean interval (s) -> largest slowdown (%) allowed, for every kind
 MONITORS = RegionConfig().monitors_per_host
-GUEST_MIB = 256
-DISK_MIB = 64
-TICK_US = 10_000  # the idle workload's timer period
 # warmup_s: past the boot's own after-effects (first translations, TCP's ramp) before the first phase
 FULL = {"repeats": 10, "phase_s": 2.5, "warmup_s": 5.0}
 QUICK = {"repeats": 2, "phase_s": 1.0, "warmup_s": 1.0}
-# Student's t at 97.5% by degrees of freedom (two-sided 95%); beyond the table, 2.0.
-T95 = (
-    12.71,
-    4.30,
-    3.18,
-    2.78,
-    2.57,
-    2.45,
-    2.36,
-    2.31,
-    2.26,
-    2.23,
-    2.20,
-    2.18,
-    2.16,
-    2.14,
-    2.13,
-    2.12,
-    2.11,
-    2.10,
-    2.09,
-    2.09,
-)
-BOOT_TIMEOUT_S = 90.0
 POLL_S = 0.05
-
-
-@dataclass(frozen=True)
-class Sample:
-    units: int
-    guest_ms: int
-    late_us: int
-
-
-class _Serial:
-    """The guest's ``SMIG-WL`` lines, read from its serial log as they appear."""
-
-    def __init__(self, path: Path, kind: str) -> None:
-        self._path = path
-        self._kind = kind
-        self._offset = 0
-        self._partial = b""
-        self.samples: list[Sample] = []
-
-    def poll(self) -> None:
-        try:
-            with self._path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            parts = line.decode(errors="replace").split()
-            if len(parts) == 5 and parts[0] == "SMIG-WL" and parts[1] == self._kind:
-                try:
-                    self.samples.append(Sample(int(parts[2]), int(parts[3]), int(parts[4])))
-                except ValueError:
-                    continue
-
-    def mark(self) -> int:
-        self.poll()
-        return len(self.samples)
-
-
-def score(kind: str, first: Sample, last: Sample) -> float:
-    """What a phase achieved between two samples: units per guest second, or for ``idle`` the mean
-    wake-up lateness in microseconds per tick."""
-    if kind == "idle":
-        return (last.late_us - first.late_us) / max(1, last.units - first.units)
-    return (last.units - first.units) * 1000.0 / max(1, last.guest_ms - first.guest_ms)
-
-
-def slowdown_pct(kind: str, on: float, off: float) -> float:
-    """How much the guest lost with AIM on (``on``) against off, in percent (see the module)."""
-    if kind == "idle":
-        return (on - off) / TICK_US * 100.0
-    return (1.0 - on / off) * 100.0 if off > 0 else float("nan")
-
-
-class _Sink:
-    """A TCP sink on 127.0.0.1 for the ``net`` workload: counts what arrives, in its own thread."""
-
-    def __init__(self) -> None:
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._server.getsockname()[1]
-        self.received = 0
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="overhead-sink", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        buf = bytearray(1 << 20)
-        while not self._closed:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            with conn:
-                while True:
-                    try:
-                        n = conn.recv_into(buf)
-                    except OSError:
-                        break
-                    if n == 0:
-                        break
-                    self.received += n
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._server.shutdown(socket.SHUT_RDWR)
-        self._server.close()
-        self._thread.join(5)
-
-
-def guest_argv(
-    kind: str, paths: InstancePaths, accel: Accel, *, net_port: int | None = None, binary: str = "qemu-system-x86_64"
-) -> list[str]:
-    """SMIG's VM command line for a workload guest, with its disk or network device added."""
-    image = ImageBuilder(smig_cache()).load()
-    spec = VMSpec(name=f"overhead-{kind}", memory_mib=GUEST_MIB, heartbeat_ms=1000)
-    argv = qemu_argv(binary, spec, accel, image.kernel, image.initrd, paths)
-    words = f" smig_modules=1 smig_work={kind}"
-    if kind == "disk":
-        disk = paths.directory / "disk.raw"
-        with disk.open("wb") as f:
-            f.truncate(DISK_MIB << 20)
-        argv += ["-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0"]
-    elif kind == "net":
-        if net_port is None:
-            raise ValueError("the net workload needs the sink's port")
-        words += f" smig_net_port={net_port}"
-        # User-mode networking: nothing listens on the host; the guest reaches 127.0.0.1 as 10.0.2.2.
-        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
-    argv[argv.index("-append") + 1] += words
-    return argv
-
-
-@contextlib.asynccontextmanager
-async def workload_guest(kind: str, root: Path, accel: Accel) -> AsyncIterator[tuple[int, _Serial, _Sink | None]]:
-    """Boot a guest running ``kind``; yield its QEMU PID, its progress and the net sink; stop it.
-
-    Raises:
-        BenchError: QEMU did not start, or the workload reported nothing in time.
-    """
-    paths = InstancePaths(root / kind)
-    paths.directory.mkdir(parents=True)
-    sink = _Sink() if kind == "net" else None
-    pid: int | None = None
-    try:
-        argv = guest_argv(kind, paths, accel, net_port=sink.port if sink else None)
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            raise BenchError(f"QEMU for the {kind} guest did not start: {err.decode().strip()}")
-        pid = process.read_pidfile(paths.pidfile)
-        if pid is None:
-            raise BenchError(f"QEMU for the {kind} guest wrote no pidfile at {paths.pidfile}")
-        serial = _Serial(paths.heartbeat, kind)
-        deadline = time.monotonic() + BOOT_TIMEOUT_S
-        while not serial.mark():
-            gone = not process.alive(pid)
-            if gone or time.monotonic() > deadline:
-                tail = paths.console.read_text(errors="replace")[-400:] if paths.console.exists() else ""
-                what = "QEMU exited" if gone else f"no progress within {BOOT_TIMEOUT_S:.0f} s"
-                raise BenchError(f"the {kind} guest failed to start its workload ({what}); its console: {tail}")
-            await asyncio.sleep(0.2)
-        yield pid, serial, sink
-    finally:
-        if pid is not None:
-            await process.terminate(pid, str(paths.directory))
-        if sink is not None:
-            sink.close()
 
 
 class _Monitors:
@@ -313,7 +129,7 @@ def run_queue_wait_s(pid: int) -> float:
 
 
 async def _phase(
-    serial: _Serial, monitors: _Monitors, pid: int, kind: str, interval_s: float | None, phase_s: float
+    serial: Serial, monitors: _Monitors, pid: int, kind: str, interval_s: float | None, phase_s: float
 ) -> Phase:
     async with monitors.running(interval_s):
         start = serial.mark()
@@ -337,25 +153,6 @@ def phase_order(repeats: int) -> list[float | None]:
         for interval in INTERVALS[r % len(INTERVALS) :] + INTERVALS[: r % len(INTERVALS)]:
             out += [None, interval]
     return [*out, None]
-
-
-def mean_ci95(values: list[float]) -> tuple[float, float, float] | None:
-    """The mean and its 95% interval (Student's t), or None for fewer than two values."""
-    if len(values) < 2:
-        return None
-    mean = statistics.fmean(values)
-    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 2.0
-    half = t * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
-def judge(ci: tuple[float, float, float] | None, goal: float) -> bool | None:
-    """Met if the whole interval is under the goal, not met if it is all above; None if it spans it."""
-    if ci is None:
-        return None
-    if ci[2] < goal:
-        return True
-    return False if ci[1] >= goal else None
 
 
 async def _kind(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,3 +113,47 @@ def machine_line(m: dict[str, Any]) -> str:
         f"{m['date']}; nproc {m['cpus']}, {m['cpu']}, Linux {m['kernel']}, {m['qemu']}, Python {m['python']}; "
         f"load average at the start {' '.join(map(str, m['load_average']))}"
     )
+
+
+# Student's t at 97.5% by degrees of freedom (two-sided 95%); beyond the table, 2.0.
+T95 = (
+    12.71,
+    4.30,
+    3.18,
+    2.78,
+    2.57,
+    2.45,
+    2.36,
+    2.31,
+    2.26,
+    2.23,
+    2.20,
+    2.18,
+    2.16,
+    2.14,
+    2.13,
+    2.12,
+    2.11,
+    2.10,
+    2.09,
+    2.09,
+)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float] | None:
+    """The mean and its 95% interval (Student's t), or None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 2.0
+    half = t * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def judge(ci: tuple[float, float, float] | None, goal: float) -> bool | None:
+    """Met if the whole interval is under the goal, not met if it is all above; None if it spans it."""
+    if ci is None:
+        return None
+    if ci[2] < goal:
+        return True
+    return False if ci[1] >= goal else None
