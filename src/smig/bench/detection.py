@@ -44,6 +44,7 @@ from typing import Any
 
 from smig.aim.schedule import Schedule, detection_latency_quantile
 from smig.bench.lanes import MONITORS, Judged, Lane, lanes
+from smig.bench.plots import pyplot, save
 from smig.bench.stats import Progress, Summary, machine, ms_text, quantile, summary_text
 from smig.lab import attacks
 from smig.rctcb.policy import PolicyKind
@@ -256,10 +257,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def plot(r: dict[str, Any], path: Path) -> Path:
     """CDFs of tamper -> UNTRUSTED per interval, measured (steps) against the schedule's prediction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     intervals = r["intervals_s"]
     fig, axes = plt.subplots(1, len(intervals), figsize=(4.2 * len(intervals), 3.6), squeeze=False)
@@ -282,7 +280,4 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     axes[0][0].set_ylabel("fraction of trials")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -50,6 +50,7 @@ from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.reference import Manifest
 from smig.aim.schedule import Schedule
+from smig.bench.plots import pyplot, save
 from smig.bench.stats import Progress, Summary, judge, machine, mean_ci95
 from smig.bench.workload import GUEST_MIB, UNITS, Serial, score, slowdown_pct, workload_guest
 from smig.errors import BenchError
@@ -315,10 +316,7 @@ def _mean_ci(s: dict[str, Any]) -> str:
 
 def plot(r: dict[str, Any], path: Path) -> Path:
     """Slowdown bars per workload kind, one per mean interval, with 95% intervals and the goals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     width = 0.8 / len(INTERVALS)
@@ -345,7 +343,4 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smig.bench.plots import pyplot, save
 from smig.bench.reaction import run_reaction
 from smig.bench.stats import Progress, machine, ms_text, ratio
 from smig.hypervisor import process
@@ -229,10 +230,7 @@ PHASE_COLOURS = {
 
 def plot(r: dict[str, Any], path: Path) -> Path:
     """The response-time breakdown per VM, one panel per load for the largest number of guests."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     most = max((x["vms"] for x in r["runs"]), default=0)
     runs = [x for x in r["runs"] if x["vms"] == most and x.get("per_vm")]
@@ -252,10 +250,7 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     axes[-1, 0].set_xlabel("seconds after the tamper")
     fig.legend(loc="lower center", ncol=5, fontsize=7, bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def markdown(r: dict[str, Any]) -> str:

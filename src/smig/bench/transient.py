@@ -21,6 +21,7 @@ from typing import Any
 
 from smig.aim.schedule import Schedule, detection_probability
 from smig.bench.lanes import MONITORS, Judged, Lane, lanes
+from smig.bench.plots import pyplot, save
 from smig.bench.stats import Progress, Summary, machine
 from smig.lab import attacks
 from smig.rctcb.policy import PolicyKind
@@ -147,10 +148,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def plot(r: dict[str, Any], path: Path) -> Path:
     """Detection probability against the change's duration, measured (points, 95% bars) and predicted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     schedule = Schedule(r["interval_s"])
@@ -176,7 +174,4 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
