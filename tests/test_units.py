@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import stat
+from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
-from smig.errors import DestinationUnreachable, ImageError, MigrationError, TLSError
+from smig.errors import DestinationUnreachable, ImageError, MigrationError, QMPError, TLSError
 from smig.guest.cpio import CpioWriter
 from smig.guest.image import parse_kernel_dependency
+from smig.hypervisor import qmp
 from smig.hypervisor.base import Capability
 from smig.hypervisor.heartbeat import parse_last
 from smig.hypervisor.migration import check_capabilities
@@ -131,3 +135,17 @@ def test_a_missing_capability_is_refused_as_such_not_as_a_tls_failure() -> None:
     with pytest.raises(MigrationError, match="destination driver cannot do tls-migration") as caught:
         check_capabilities(QemuDriver, _NoTLS, MigrationParams(tls=True))  # type: ignore[arg-type]
     assert type(caught.value) is MigrationError
+
+
+@pytest.mark.parametrize("failure", [AssertionError(), EOFError(), ConnectionResetError("reset")])
+def test_a_qmp_connection_that_breaks_as_it_starts_is_a_typed_error(
+    failure: BaseException, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What qemu.qmp raises when QEMU closes its socket just as the session starts (a QEMU that
+    # exits after its migration while an agent lists its VMs); it once escaped and ended the agent.
+    async def breaks(self: QMPClient, address: str) -> None:
+        raise failure
+
+    monkeypatch.setattr(QMPClient, "connect", breaks)
+    with pytest.raises(QMPError, match="cannot reach QEMU's monitor"):
+        asyncio.run(qmp.connect(tmp_path / "qmp.sock", vm="v"))

@@ -219,6 +219,10 @@ class Agent:
                 log.info("inventory not delivered: %s", e)
             except SmigError as e:
                 log.warning("cannot list this host's VMs: %s", e)
+            except Exception:
+                # A report skipped is sent again next period; an agent gone would leave every
+                # order on this host to fencing and cold restarts.
+                log.exception("listing this host's VMs failed unexpectedly; trying again next period")
             await asyncio.sleep(self.config.inventory_interval_s)
 
 
