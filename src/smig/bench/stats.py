@@ -117,27 +117,9 @@ def machine_line(m: dict[str, Any]) -> str:
 
 # Student's t at 97.5% by degrees of freedom (two-sided 95%); beyond the table, 2.0.
 T95 = (
-    12.71,
-    4.30,
-    3.18,
-    2.78,
-    2.57,
-    2.45,
-    2.36,
-    2.31,
-    2.26,
-    2.23,
-    2.20,
-    2.18,
-    2.16,
-    2.14,
-    2.13,
-    2.12,
-    2.11,
-    2.10,
-    2.09,
-    2.09,
-)
+    12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23,
+    2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09,
+)  # fmt: skip
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float, float] | None:
