@@ -26,10 +26,9 @@ class Orders:
     def active(self) -> list[str]:
         return ["o"] if self._active else []
 
-    async def run_once(self, *, wait: bool = True) -> bool:
+    async def run_once(self, *, wait: bool = True) -> None:
         self.rounds.append(time.monotonic())
         self.answered.set()
-        return True
 
     async def stop(self) -> None:
         return None

@@ -99,8 +99,7 @@ class Orchestrator:
         self._clock = clock
         self._orders: dict[str, Order] = {}
         self._pending: dict[str, Observation] = {}  # the agents' last answers, not yet acted on
-        self._calls: dict[str, asyncio.Task[tuple[str, Observation | None]]] = {}  # order id -> its calls
-        self._decisive = False
+        self._calls: dict[str, asyncio.Task[Observation | None]] = {}  # order id -> its calls
         # Set when an answer came back that lets its order move on at once (see `_moves_on`).
         self.answered = asyncio.Event()
         # Told of every order step once it is committed, and of each progress answer: the
@@ -186,14 +185,14 @@ class Orchestrator:
             if obs is not None:
                 self._pending[order.id] = obs
 
-    async def run_once(self, *, wait: bool = True) -> bool:
-        """Advance every active order one step: decide, commit, then act. Returns True when an
-        answer came back that lets an order move on at once (a slot prepared, a migration ended, a
-        `where`...), so the caller need not wait before the next round. Raises StoreError.
+    async def run_once(self, *, wait: bool = True) -> None:
+        """Advance every active order one step: decide, commit, then act. Raises StoreError.
 
-        ``wait``: await this round's agent calls before returning. Without it they run on as tasks;
-        each order's answer is taken in as it comes (setting :attr:`answered` if it is decisive),
-        and an order with a call still out is skipped by the rounds until then."""
+        Each order's answer is taken in as it comes; one that lets its order move on at once (a
+        slot prepared, a migration ended, a `where`...) sets :attr:`answered`, so the caller need
+        not wait before the next round. ``wait``: await this round's agent calls before
+        returning. Without it they run on as tasks, and an order with a call still out is skipped
+        by the rounds until then."""
         async with self._deciding:
             now = self._clock()
             admitted: dict[str, Observation] = self._admit(now)
@@ -224,10 +223,8 @@ class Orchestrator:
                     launched.append(task)
         if wait:
             await asyncio.gather(*launched)  # a call's unexpected exception (a bug) propagates, as it did
-        decisive, self._decisive = self._decisive, False
-        return decisive
 
-    def _answer(self, order_id: str, task: asyncio.Task[tuple[str, Observation | None]]) -> None:
+    def _answer(self, order_id: str, task: asyncio.Task[Observation | None]) -> None:
         """Take in one order's answer (a done-callback, on the event loop)."""
         if self._calls.get(order_id) is task:
             del self._calls[order_id]
@@ -236,12 +233,11 @@ class Orchestrator:
         if task.exception() is not None:
             log.error("an evacuation call failed unexpectedly", exc_info=task.exception())
             return
-        _, answer = task.result()
+        answer = task.result()
         if answer is None or order_id not in self._orders:
             return
         self._pending[order_id] = answer
         if _moves_on(answer):
-            self._decisive = True
             self.answered.set()
         if isinstance(answer, Progress):
             view = answer.view
@@ -391,12 +387,12 @@ class Orchestrator:
 
     # -- acting ----------------------------------------------------------------------------------
 
-    async def _execute(self, order: Order, actions: Sequence[Action]) -> tuple[str, Observation | None]:
+    async def _execute(self, order: Order, actions: Sequence[Action]) -> Observation | None:
         obs: Observation | None = None
         for action in actions:
             result = await self._do(order, action)
             obs = result if result is not None else obs
-        return order.id, obs
+        return obs
 
     async def _call(self, coro: Awaitable[T]) -> T:
         return await asyncio.wait_for(coro, self._config.call_timeout_s)
