@@ -51,7 +51,7 @@ from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.reference import Manifest
 from smig.aim.schedule import Schedule
 from smig.bench.plots import pyplot, save
-from smig.bench.stats import Progress, Summary, judge, machine, mean_ci95
+from smig.bench.stats import Progress, Summary, judge, judge_all, machine, mean_ci95
 from smig.bench.workload import GUEST_MIB, UNITS, Serial, score, slowdown_pct, workload_guest
 from smig.errors import BenchError
 from smig.hypervisor import process
@@ -265,8 +265,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
         "cpus": os.cpu_count() or 1,
         "results": kinds,
         "all_measurements_matched": all(v == Verdict.MATCH.value for v in verdicts),
-        # True: every interval is under its goal; False: one is above; None: noise hides the answer.
-        "meets_goal": False if False in checks else (True if checks and all(checks) else None),
+        "meets_goal": judge_all(checks),
         "goal": "slowdown under 1% at a mean interval of 1 s and under 5% at 0.1 s, for every kind",
         "machine": machine(),
     }

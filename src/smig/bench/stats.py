@@ -139,3 +139,11 @@ def judge(ci: tuple[float, float, float] | None, goal: float) -> bool | None:
     if ci[2] < goal:
         return True
     return False if ci[1] >= goal else None
+
+
+def judge_all(verdicts: Sequence[bool | None]) -> bool | None:
+    """Many :func:`judge` verdicts as one: not met if any is not, met if all are (and there are
+    some), otherwise None (noise hides at least one answer)."""
+    if False in verdicts:
+        return False
+    return True if verdicts and all(verdicts) else None

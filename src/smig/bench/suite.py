@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from smig.bench.docs import write_section
-from smig.bench.stats import Progress, machine, machine_line
+from smig.bench.stats import Progress, judge_all, machine, machine_line
 
 SUITE = ("measure", "detection", "transient", "placement", "migration", "overhead", "response")
 PLOTS = {
@@ -152,8 +152,9 @@ def _overhead(r: dict[str, Any]) -> list[Goal]:
         lost = [row["cpu_lost_pct"]["mean"] for _, row in rows if row.get("cpu_lost_pct", {}).get("mean") is not None]
         if lost:
             figure += f"; CPU the guests' threads lost: {min(lost):+.1f} to {max(lost):+.1f}% of a core"
-        met = False if False in checks else (True if all(checks) else None)
-        out.append((f"overhead on guests at {interval:g} s: under {goal:g}% for every workload", figure, met))
+        out.append(
+            (f"overhead on guests at {interval:g} s: under {goal:g}% for every workload", figure, judge_all(checks))
+        )
     return out
 
 
