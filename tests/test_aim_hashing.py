@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +249,24 @@ def test_picking_code_lines_first_parses_the_same_code_mappings() -> None:
     code = procfs.parse_maps(text, executable_only=True)
     assert code == [m for m in everything if m.executable]
     assert [m.perms for m in code[-2:]] == ["--xp", "rwxp"] and code[-1].deleted and code[-1].path == "/opt/x"
+
+
+def test_a_flat_pass_hashes_as_views_are_added_and_an_error_leaves_the_reader_usable() -> None:
+    pieces = [os.urandom(n) for n in (5 << 20, 1 << 20, 7, 300_000)]
+    reader = Reader(HashAlgorithm.BLAKE3, LEAF, 4 * LEAF, threads=2)
+    try:
+        with reader.flat_pass(0) as flats:  # total unknown: nothing goes through BLAKE3's own threads
+            slots = [flats.add(memoryview(p)) for p in pieces]
+            time.sleep(0.05)  # the other thread hashes meanwhile
+            flats.expect(sum(map(len, pieces)))  # now the 5 MiB view is more than a fair share
+            slots.append(flats.add(memoryview(pieces[0])))
+            got = flats.finish()
+        with pytest.raises(RuntimeError), reader.flat_pass(1 << 20) as failed:
+            failed.add(memoryview(pieces[0]))
+            raise RuntimeError("the caller failed while views were queued")
+        again = reader.flat_digests([memoryview(p) for p in pieces])
+    finally:
+        reader.close()
+    expected = [_flat(HashAlgorithm.BLAKE3, p) for p in pieces]
+    assert [got[i] for i in slots] == [*expected, expected[0]]
+    assert again == expected

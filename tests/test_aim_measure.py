@@ -107,6 +107,26 @@ def test_a_patch_in_memory_is_named_by_module_and_range(home: Path, manifest: Ma
     assert [x.reason for x in after_cow.mismatches] == ["code page written (copy-on-write)"]
 
 
+def test_a_patch_after_rounds_hashed_in_place_is_seen_by_the_same_measurer(home: Path, manifest: Manifest) -> None:
+    # A Measurer starts each round by hashing again what it hashed in place the round before,
+    # before it reads the page tables; a mapping written meanwhile must not keep that digest.
+    with bare_qemu(marker_dir=home) as pid:
+        measurer = Measurer(manifest, cow_check=False)
+        rounds = [measurer.measure([pid]) for _ in range(3)]
+        record = attacks.patch(pid, None)
+        patched = measurer.measure([pid])
+        attacks.undo(record)
+        restored = measurer.measure([pid])
+        measurer.close()
+    assert all(r.verdict is Verdict.MATCH for r in rounds)
+    assert rounds[-1].in_place_bytes > rounds[-1].bytes // 2
+    assert [x.reason for x in patched.mismatches] == ["code differs from the reference"]
+    assert _hits(patched, record.path, record.offset)
+    assert restored.verdict is Verdict.MATCH
+    # The written page is a private copy now: hashed copied from QEMU's memory, not in place.
+    assert restored.in_place_bytes < rounds[-1].in_place_bytes
+
+
 def test_a_transient_patch_restores_itself(home: Path, manifest: Manifest) -> None:
     with bare_qemu(marker_dir=home) as pid:
         record = attacks.transient_patch(pid, 0.05)

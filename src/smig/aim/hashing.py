@@ -21,9 +21,9 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import blake3
 
@@ -34,6 +34,7 @@ READ_SIZE = 4 << 20
 DEFAULT_THREADS = min(2, os.cpu_count() or 1)
 
 Range = tuple[int, int]  # (start, length)
+_T = TypeVar("_T")
 
 
 def _leaf(algorithm: HashAlgorithm, data: memoryview | bytes) -> bytes:
@@ -203,50 +204,16 @@ class Reader:
             return batch.finish()
 
     def flat_digests(self, views: Sequence[memoryview]) -> list[str]:
-        """The flat digest of each view, in order.
+        """The flat digest of each view, in order (a :meth:`flat_pass` fed largest first)."""
+        order = sorted(range(len(views)), key=lambda i: -len(views[i]))
+        with self.flat_pass(sum(len(v) for v in views)) as flats:
+            slots = {i: flats.add(views[i]) for i in order}
+            digests = flats.finish()
+        return [digests[slots[i]] for i in range(len(views))]
 
-        The views are shared out between this Reader's threads, largest first, each to the least
-        loaded (each call releases the GIL), and each is hashed on one thread: balanced that way,
-        a QEMU's code hashes as fast as BLAKE3's own threads hash one buffer of the same size,
-        and a third faster than BLAKE3's threads taking the large views one at a time (measured:
-        5.1 against 8.8 ms for 20 MiB in 52 views on 2 cores). Only a view larger than a fair
-        share goes first, alone, through BLAKE3's threads. Their time is not on this Reader's
-        clock, so the process's CPU time over that call is charged to :attr:`worker_cpu_s`, less
-        the caller's own: anything else the process ran meanwhile is charged too, which errs
-        toward measuring less often.
-        """
-        out = [""] * len(views)
-        parallel = self.algorithm is HashAlgorithm.BLAKE3 and self.threads > 1
-        fair = sum(len(v) for v in views) / self.threads
-        big = [i for i, v in enumerate(views) if parallel and len(v) >= _MULTITHREAD_MIN and len(v) > fair]
-        small = sorted(set(range(len(views))) - set(big), key=lambda i: -len(views[i]))
-        shares: list[list[int]] = [[] for _ in range(self.threads)]
-        loads = [0] * self.threads
-        for i in small:  # largest first, each to the least loaded thread
-            k = loads.index(min(loads))
-            shares[k].append(i)
-            loads[k] += len(views[i])
-
-        def hash_share(share: list[int]) -> float:
-            cpu0 = time.thread_time()
-            for i in share:
-                out[i] = flat_digest(self.algorithm, views[i], parallel=False)
-            return time.thread_time() - cpu0
-
-        if big:  # first, alone: BLAKE3's threads take every core, and only their time is in this window
-            with self._charging_blake3_threads():
-                for i in big:
-                    out[i] = flat_digest(self.algorithm, views[i])
-        futures = []
-        if self.threads > 1 and any(shares[1:]):
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="aim-hash")
-            futures = [self._pool.submit(hash_share, share) for share in shares[1:] if share]
-        hash_share(shares[0])
-        for f in futures:
-            self.worker_cpu_s += f.result()
-        self.bytes_read += sum(len(v) for v in views)
-        return out
+    def flat_pass(self, total: int) -> FlatPass:
+        """A pass that hashes views as they are added (``total``: about how many bytes will be)."""
+        return FlatPass(self, total)
 
     @contextlib.contextmanager
     def _charging_blake3_threads(self) -> Iterator[None]:
@@ -262,6 +229,11 @@ class Reader:
         """A pass that hashes views as they are added and ranges of ``source`` when it finishes."""
         return HashBatch(self, source)
 
+    def _submit(self, fn: Callable[[], _T]) -> Future[_T]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="aim-hash")
+        return self._pool.submit(fn)
+
     def _queue_jobs(self, jobs: list[_Job], out: list[list[bytes]]) -> None:
         if not jobs:
             return
@@ -273,9 +245,7 @@ class Reader:
             idle = self.threads - 1 - self._draining
             self._draining += idle
         if idle:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="aim-hash")
-            self._futures += [self._pool.submit(self._drain, True) for _ in range(idle)]
+            self._futures += [self._submit(lambda: self._drain(True)) for _ in range(idle)]
 
     def _finish(self) -> None:
         """Hash on this thread until the queue is empty, then wait for the hashing threads."""
@@ -308,6 +278,92 @@ class Reader:
                     return
             for data, r, i in jobs:
                 out[r][i] = _leaf(algorithm, data)
+
+
+class FlatPass:
+    """Flat digests of views, hashed as the caller adds them: the Reader's threads take them from
+    a queue at once, while the caller goes on deciding what to add, and the caller hashes too from
+    :meth:`finish` on. Each view is hashed whole on one thread (one call, which releases the GIL),
+    so the caller's Python work and the hashing overlap instead of taking turns. Added largest
+    first, the views end up shared out about evenly: a QEMU's code hashes as fast as BLAKE3's own
+    threads hash one buffer of the same size, and a third faster than BLAKE3's threads taking the
+    large views one at a time (measured: 5.1 against 8.8 ms for 20 MiB in 52 views on 2 cores).
+
+    A view larger than a fair share of ``total`` (and 1 MiB; ``total`` 0 means unknown) is the
+    exception: it goes through BLAKE3's own threads, on every core. Their time is on no clock of
+    this Reader's, so the process's CPU time over that call is charged to
+    :attr:`Reader.worker_cpu_s`, less the caller's own: anything else the process ran meanwhile
+    is charged too, which errs toward measuring less often. Use it as a context manager so an error stops the threads.
+    """
+
+    def __init__(self, reader: Reader, total: int) -> None:
+        self._reader = reader
+        self._parallel = reader.algorithm is HashAlgorithm.BLAKE3 and reader.threads > 1
+        self._fair = total / reader.threads if total else float("inf")
+        self._out: list[str] = []
+        self._items: collections.deque[tuple[int, memoryview]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._futures: list[Future[float]] = []
+
+    def __enter__(self) -> FlatPass:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:
+            with self._cond:
+                self._items.clear()
+                self._closed = True
+                self._cond.notify_all()
+            wait(self._futures)
+            self._futures = []
+
+    def expect(self, total: int) -> None:
+        """Say (again) about how many bytes the pass will hash, if the first guess was off."""
+        self._fair = total / self._reader.threads if total else float("inf")
+
+    def add(self, view: memoryview) -> int:
+        """Queue ``view``; returns its index in :meth:`finish`'s result."""
+        index = len(self._out)
+        self._out.append("")
+        self._reader.bytes_read += len(view)
+        if self._parallel and len(view) >= _MULTITHREAD_MIN and len(view) > self._fair:
+            with self._reader._charging_blake3_threads():
+                self._out[index] = flat_digest(self._reader.algorithm, view)
+            return index
+        with self._cond:
+            self._items.append((index, view))
+            self._cond.notify()
+        if not self._futures and self._reader.threads > 1:
+            self._futures = [self._reader._submit(self._work) for _ in range(self._reader.threads - 1)]
+        return index
+
+    def finish(self) -> list[str]:
+        """Hash on this thread until the queue is empty, wait for the threads; every digest."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._hash_while(wait_for_more=False)
+        futures, self._futures = self._futures, []
+        for f in futures:
+            self._reader.worker_cpu_s += f.result()
+        return self._out
+
+    def _work(self) -> float:
+        cpu0 = time.thread_time()
+        self._hash_while(wait_for_more=True)
+        return time.thread_time() - cpu0
+
+    def _hash_while(self, *, wait_for_more: bool) -> None:
+        algorithm = self._reader.algorithm
+        while True:
+            with self._cond:
+                while not self._items and wait_for_more and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                index, view = self._items.popleft()
+            self._out[index] = flat_digest(algorithm, view, parallel=False)
 
 
 class HashBatch:

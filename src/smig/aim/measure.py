@@ -27,12 +27,11 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from smig.aim import procfs
-from smig.aim.hashing import DEFAULT_THREADS, Reader, root
+from smig.aim.hashing import DEFAULT_THREADS, FlatPass, Reader, root
 from smig.aim.procfs import PAGE, MemoryMapping
 from smig.aim.reference import Manifest, SegmentRef
 from smig.aim.shadow import Shadow
@@ -40,6 +39,7 @@ from smig.errors import ProcessGone
 from smig.model import Mismatch, TargetDigest, Verdict
 
 VSYSCALL = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
+_Identity = tuple[str, int, int, int]  # (device, inode, offset, length) of a file mapping
 RETRY_PAUSES_S = (0.01, 0.05)  # between attempts at a live process whose code could not be read
 
 
@@ -101,9 +101,10 @@ class Measurer:
         self.share_clean = share_clean
         self._shadow = Shadow() if in_place else None
         self._wants_pagemap = cow_check or share_clean or in_place
-        self._pagemap_pool: ThreadPoolExecutor | None = None
         self._segments: dict[tuple[str, int, int], SegmentRef | None] = {}
         self._maps: dict[int, tuple[str, list[MemoryMapping]]] = {}
+        # pid -> what was hashed in place last round, largest first: (start, identity, view)
+        self._in_place_last: dict[int, list[tuple[int, _Identity, memoryview]]] = {}
         self._in_place_bytes = 0
         self._reader = Reader(manifest.algorithm, manifest.leaf_size, threads=threads)
         self._file_cache: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -116,9 +117,7 @@ class Measurer:
     def close(self) -> None:
         """Stop the hashing threads and drop the in-place mappings; the Measurer is done."""
         self._reader.close()
-        if self._pagemap_pool is not None:
-            self._pagemap_pool.shutdown(wait=True)
-            self._pagemap_pool = None
+        self._in_place_last.clear()  # views into the shadow's mappings, unmapped below
         if self._shadow is not None:
             self._shadow.close()
             self._shadow = None
@@ -136,6 +135,7 @@ class Measurer:
         shared: dict[tuple[str, int, int, int], str] = {}
         pids = list(pids)
         self._maps = {pid: self._maps[pid] for pid in pids if pid in self._maps}  # forget processes gone
+        self._in_place_last = {pid: self._in_place_last[pid] for pid in pids if pid in self._in_place_last}
         for pid in pids:
             one = self._measure_or_gone(pid, shared)
             if one is None:
@@ -183,7 +183,26 @@ class Measurer:
         return _Round(mismatches=[hidden])
 
     def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:
+        with self._reader.flat_pass(sum(len(v) for _, _, v in self._in_place_last.get(pid, ()))) as early:
+            # What was hashed in place last round is hashed again at once, before this round
+            # has read the process's maps and page tables: those reads take the time the
+            # hashing would otherwise wait for. Each early digest counts only for a mapping that
+            # is still the same range of the same file and is proved again, this round, to be
+            # the same frames (see _start_in_place); the rest is hashed as usual.
+            started = {start: (identity, early.add(view)) for start, identity, view in self._in_place_last.get(pid, ())}
+            self._measure_maps(pid, out, shared, early, started)
+
+    def _measure_maps(
+        self,
+        pid: int,
+        out: _Round,
+        shared: dict[tuple[str, int, int, int], str],
+        flats: FlatPass,
+        started: dict[int, tuple[_Identity, int]],
+    ) -> None:
         maps = self._code_mappings(pid)
+        if not started:
+            flats.expect(sum(m.length for m in maps if not m.anonymous and not m.kernel_page))
         # QEMU allocates the TCG buffer before it loads the accelerator module, so a process just
         # starting may hold the buffer without the module: then it must at least not be using KVM.
         tcg_buffers = 1 if procfs.uses_tcg(maps) or not procfs.uses_kvm(pid) else 0
@@ -191,13 +210,13 @@ class Measurer:
         # its flat digest first; only a module's mapping whose digest differs from the reference's
         # is hashed again, in leaves, to name the range. Then judge, which needs every digest.
         todo: list[tuple[MemoryMapping, str, list[int], int, str]] = []  # (.., leaves' index or -1, digest)
-        in_place: list[tuple[MemoryMapping, str, memoryview]] = []
+        in_place: list[tuple[MemoryMapping, str, int, memoryview]] = []  # (.., index in flats, view)
         copied: list[tuple[MemoryMapping, str, list[int], int]] = []
         with contextlib.ExitStack() as stack:
             memory = stack.enter_context(procfs.ProcessMemory(pid))
             pagemap = stack.enter_context(procfs.PageMap(pid)) if self._wants_pagemap else None
             batch = stack.enter_context(self._reader.batch(memory))
-            prefetched = self._prefetch(pagemap, maps)
+            clean = self._start_in_place(pid, maps, pagemap, flats, shared, started)
             for m in maps:
                 name = m.path or "[anon]"
                 target = f"{pid}:{name}@{m.offset:#x}+{m.length:#x}"
@@ -213,26 +232,18 @@ class Measurer:
                     out.mismatches.append(
                         Mismatch("[anon]", m.start, m.length, "anonymous executable memory (address, not offset)", pid)
                     )
-                private: list[int] = []
-                view = None
-                if pagemap is not None and not m.anonymous and not m.kernel_page:
-                    entries = prefetched[m.start] if m.start in prefetched else pagemap.entries(m)
-                    private = procfs.private_pages(entries)
-                    if self.share_clean and not private and (m.device, m.inode, m.offset, m.length) in shared:
-                        out.targets.append(TargetDigest(target, shared[(m.device, m.inode, m.offset, m.length)]))
-                        continue
-                    if self._shadow is not None and not private:
-                        view = self._shadow.view(pid, m, entries)
-                if view is not None:
-                    in_place.append((m, target, view))
-                    self._in_place_bytes += len(view)
+                private, known, queued = clean.get(m.start, ([], None, None))
+                if known is not None:
+                    out.targets.append(TargetDigest(target, known))
+                elif queued is not None:
+                    in_place.append((m, target, *queued))
                 else:
                     copied.append((m, target, private, batch.add_range(m.start, m.length, leaves=False)))
-            flats = self._reader.flat_digests([view for _, _, view in in_place])
+            flat = flats.finish()
             try:
                 batch.finish()
                 digests: list[tuple[MemoryMapping, str, list[int], str, memoryview | None]] = [
-                    (m, t, [], flat, view) for (m, t, view), flat in zip(in_place, flats, strict=True)
+                    (m, t, [], flat[i], view) for m, t, i, view in in_place
                 ]
                 digests += [(m, t, private, batch.flat_digest(i), None) for m, t, private, i in copied]
                 # Leaves only where a module's digest differs (anonymous and kernel pages have no
@@ -277,22 +288,44 @@ class Measurer:
         self._maps[pid] = (text, maps)
         return maps
 
-    def _prefetch(self, pagemap: procfs.PageMap | None, maps: list[MemoryMapping]) -> dict[int, bytes]:
-        """The pagemap entries of the code's file mappings, read on two threads: the kernel walks
-        the page tables for every entry, and that walk is most of what reading them costs."""
-        wanted = [m for m in maps if not m.anonymous and not m.kernel_page]
-        if pagemap is None or len(wanted) < 2:
-            return {}
-        if self._pagemap_pool is None:
-            self._pagemap_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aim-pagemap")
-        half = len(wanted) // 2
-
-        def read(part: list[MemoryMapping]) -> list[bytes]:
-            return [pagemap.entries(m) for m in part]
-
-        other = self._pagemap_pool.submit(read, wanted[half:])
-        mine = read(wanted[:half])
-        return {m.start: e for m, e in zip(wanted, mine + other.result(), strict=True)}
+    def _start_in_place(
+        self,
+        pid: int,
+        maps: list[MemoryMapping],
+        pagemap: procfs.PageMap | None,
+        flats: FlatPass,
+        shared: dict[tuple[str, int, int, int], str],
+        started: dict[int, tuple[_Identity, int]],
+    ) -> dict[int, tuple[list[int], str | None, tuple[int, memoryview] | None]]:
+        """For each file-backed code mapping, by its start: its private (written) pages, and for a
+        clean one either its digest already known this round (``shared``) or its view in our own
+        mapping of the file, hashed in ``flats``: queued now, or taken from what was ``started``
+        before the page tables were read if that was the same file range. Largest first: the
+        hashing threads start on the big mappings while this thread reads the page tables of the
+        rest."""
+        out: dict[int, tuple[list[int], str | None, tuple[int, memoryview] | None]] = {}
+        if pagemap is None:
+            return out
+        hashed: list[tuple[int, _Identity, memoryview]] = []
+        for m in sorted((m for m in maps if not m.anonymous and not m.kernel_page), key=lambda m: -m.length):
+            entries = pagemap.entries(m)
+            private = procfs.private_pages(entries)
+            identity = (m.device, m.inode, m.offset, m.length)
+            known = None
+            if self.share_clean and not private:
+                known = shared.get(identity)
+            view = None
+            if known is None and self._shadow is not None and not private:
+                view = self._shadow.view(pid, m, entries)
+            queued = None
+            if view is not None:
+                self._in_place_bytes += len(view)
+                early = started.get(m.start)
+                queued = (early[1] if early is not None and early[0] == identity else flats.add(view), view)
+                hashed.append((m.start, identity, view))
+            out[m.start] = (private, known, queued)
+        self._in_place_last[pid] = hashed
+        return out
 
     def _segment(self, m: MemoryMapping) -> SegmentRef | None:
         """The reference segment ``m`` maps, if the manifest knows its module and it fits exactly
