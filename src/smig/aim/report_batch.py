@@ -63,7 +63,8 @@ def decode_batch(data: bytes) -> tuple[Report, ...]:
     if not items or len(items) > MAX_BATCH:
         raise _malformed(f"a batch holds 1 to {MAX_BATCH} reports, not {len(items)}")
     reports = tuple(_from_obj(item) for item in items)
-    if _dumps({"reports": [_to_obj(r) for r in reports]}) != data:
+    # Every field checked by _from_obj, the parsed objects re-encode exactly as the reports would.
+    if _dumps(obj) != data:
         raise _malformed("batch is not in canonical form (sorted keys, no whitespace, floats as repr)")
     return reports
 

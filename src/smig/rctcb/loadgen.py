@@ -46,6 +46,7 @@ from smig.rctcb.loadgen_region import (
     OPERATOR,
     Agent,
     Service,
+    agent_connection,
     check_assignments,
     enrol,
     host_names,
@@ -103,7 +104,7 @@ async def run_ingest(config: LoadConfig, progress: Callable[[str], None] | None 
             await check_assignments(operator, local, sample=20)
         for a in agents:
             a.subjects = local[a.name]
-            a.client = tls_client(url, home, a.name)
+            a.client = agent_connection(url, home, a.name)
         try:
             return await _load(config, service, agents, region.max_skew_s, enrol_s, home, say)
         finally:

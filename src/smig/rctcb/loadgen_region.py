@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from smig.aim.keys import public_key_pem
 from smig.aim.ring import assign_monitors
 from smig.rctcb.ca import Role, client_ssl_context, init_ca, issue_identity
+from smig.rctcb.loadgen_http import AgentConnection
 from smig.rctcb.loadgen_model import BenchError
 from smig.rctcb.server import ServiceConfig, parse_config
 
@@ -140,7 +141,15 @@ class Agent:
     name: str
     key: Ed25519PrivateKey
     subjects: tuple[str, ...] = ()
-    client: httpx.AsyncClient | None = None
+    client: AgentConnection | None = None
+
+
+def agent_connection(url: str, home: Path, name: str) -> AgentConnection:
+    """The keep-alive connection agent ``name`` sends its reports over (see loadgen_http)."""
+    ca = home / "rctcb" / "ca"
+    context = client_ssl_context(ca / "issued" / name / "cert.pem", ca / "issued" / name / "key.pem", ca / "ca.pem")
+    address = httpx.URL(url)
+    return AgentConnection(address.host, address.port or 443, context, name, _TIMEOUT_S)
 
 
 def tls_client(url: str, home: Path, name: str, connections: int = 1) -> httpx.AsyncClient:

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections import ChainMap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -116,6 +115,36 @@ class _Sequences(Mapping[tuple[str, str], int]):
         raise TypeError("the last sequences are looked up one pair at a time")
 
 
+class _Overlay(Mapping[str, HostRecord]):
+    """The region's rows under one run's changes, without copying the table per request
+    (``collections.ChainMap`` does the same, but its lookups cost more than judging a report)."""
+
+    def __init__(self, base: Mapping[str, HostRecord]) -> None:
+        self.base = base
+        self.changes: dict[str, HostRecord] = {}
+
+    def __getitem__(self, host: str) -> HostRecord:
+        changes = self.changes
+        return changes[host] if host in changes else self.base[host]
+
+    def get(self, host: str, default: Any = None) -> Any:
+        changes = self.changes
+        return changes[host] if host in changes else self.base.get(host, default)
+
+    def __contains__(self, host: object) -> bool:
+        return host in self.changes or host in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.base
+        yield from (h for h in self.changes if h not in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base) + sum(1 for h in self.changes if h not in self.base)
+
+    def update(self, rows: Mapping[str, HostRecord]) -> None:
+        self.changes.update(rows)
+
+
 class _Keys(Mapping[str, Ed25519PublicKey]):
     """Monitors' public keys, parsed from their rows when first asked for (and cached)."""
 
@@ -168,7 +197,7 @@ class _Run:
         self.region = region
         self.now = now
         # The region's rows under this run's changes: no copy of the whole table per request.
-        self.rows: ChainMap[str, HostRecord] = ChainMap({}, region._rows)
+        self.rows = _Overlay(region._rows)
         self.assigned = region.assignment()
         self.sequences = _Sequences(region)
         self.keys = _Keys(region, self.rows)
