@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from smig.aim.ring import assign_monitors
 from smig.errors import ConfigError
 from smig.model import HostRecord, Resources, TrustState, Verdict, VerifiedMeasurement
+from smig.rctcb import policy
 from smig.rctcb.policy import (
     TRANSITIONS,
     Effect,
@@ -291,12 +292,18 @@ STEPS = st.lists(
 
 @st.composite
 def stories(
-    draw: st.DrawFn, kind: PolicyKind | None = None, single_monitor: bool = False
+    draw: st.DrawFn, kind: PolicyKind | None = None, single_monitor: bool = False, accused: bool = False
 ) -> tuple[dict[str, HostRecord], list[Event], PolicyConfig]:
-    """A region of 3 to 6 hosts in any states, a policy, and up to 30 events in time order."""
+    """A region of 3 to 6 hosts in any states, a policy, and up to 30 events in time order. With
+    ``accused``, rows may start with accusers whatever their state (as a store could hold them)."""
     states = draw(HOST_STATES)
     hosts = [f"h{i}" for i in range(len(states))]
     rows = {h: replace(row(h, state), strikes=strikes) for h, (state, strikes) in zip(hosts, states, strict=True)}
+    if accused:
+        rows = {
+            h: replace(r, suspected_by=tuple(draw(st.sets(st.sampled_from(hosts), max_size=2))))
+            for h, r in rows.items()
+        }
     config = draw(CONFIGS)
     if kind is not None:
         config = replace(config, kind=kind)
@@ -367,3 +374,25 @@ def test_under_quorum_one_monitor_alone_never_makes_anyone_untrusted(
 ) -> None:
     effects = play(*story)
     assert not [e for e in effects if isinstance(e, StateChanged) and e.new is S.UNTRUSTED]
+
+
+@settings(max_examples=300, deadline=None)
+@given(stories(accused=True))
+def test_the_quick_path_for_a_confirming_match_decides_as_the_general_path_does(
+    story: tuple[dict[str, HostRecord], list[Event], PolicyConfig],
+) -> None:
+    rows, events, config = story
+    monitors_of = assign_monitors(rows, 2)
+    for event in events:
+        quick, general = decide(rows, event, config, monitors_of), policy._decide(rows, event, config, monitors_of)
+        assert quick == general
+        rows = {**rows, **general.rows}
+
+
+def test_a_confirming_match_only_records_the_measurement_and_the_same_one_twice_changes_nothing() -> None:
+    rows = region()
+    first = decide(rows, match("h1", "h2", 5.0), QUORUM, MONITORS)
+    assert first.effects == () and list(first.rows) == ["h1"]
+    assert first.rows["h1"] == replace(rows["h1"], verified=VerifiedMeasurement(5.0, "h2", 50, "root", Verdict.MATCH))
+    rows = {**rows, **first.rows}
+    assert decide(rows, match("h1", "h2", 5.0), QUORUM, MONITORS) == policy.Outcome({}, ())
