@@ -17,7 +17,7 @@ from smig.errors import ConfigError, HostExists, ReportRejected
 from smig.ivt.base import IVTStore, open_store
 from smig.model import Report, Resources, TrustState, Verdict
 from smig.rctcb.policy import Evacuate, PolicyConfig, PolicyKind, Remeasure, StateChanged
-from smig.rctcb.region import Region, RegionConfig
+from smig.rctcb.region import Region, RegionConfig, ReportResult
 from tests.helpers import region_report
 
 T0 = 1_800_000_000.0
@@ -219,6 +219,9 @@ def test_a_signed_batch_counts_report_by_report_under_one_signature(lab: Lab) ->
     entries = lab.store.verify_audit()
     results = lab.region.ingest_batch([sign_batch([*fresh, stale], lab.keys[monitor])], T0, agent=monitor)
     assert [r.reason for r in results] == [""] * len(fresh) + ["stale"], "one stale report sinks only itself"
+    # Reports and results on this path are built without their __init__: whole, equal to the originals.
+    assert [r.report for r in results[: len(fresh)]] == fresh
+    assert results[0] == ReportResult(fresh[0], monitor, rows=results[0].rows, effects=results[0].effects)
     assert all(lab.store.last_sequence(monitor, r.subject) == r.sequence for r in fresh)
     kinds = [e.kind for e in lab.store.audit_entries(since=entries)]
     assert kinds == ["report.rejected", "report.batch.accepted"]

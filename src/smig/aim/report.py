@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from smig.errors import ReportRejected
-from smig.model import HashAlgorithm, Mismatch, Report, TargetDigest, Verdict
+from smig.model import HashAlgorithm, Mismatch, Report, TargetDigest, Verdict, frozen_from
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +169,21 @@ def _from_obj(obj: object) -> Report:
                 pid=_count(m["pid"], f"mismatches[{i}].pid"),
             )
         )
-    report = Report(
-        subject=_str(fields["subject"], "subject"),
-        monitor=_str(fields["monitor"], "monitor"),
-        sequence=_count(fields["sequence"], "sequence"),
-        started_at=_seconds(fields["started_at"], "started_at"),
-        ended_at=_seconds(fields["ended_at"], "ended_at"),
-        algorithm=algorithm,
-        root=_hex(fields["root"], "root"),
-        verdict=verdict,
-        targets=tuple(targets),
-        mismatches=tuple(mismatches),
-        measured_bytes=_count(fields["measured_bytes"], "measured_bytes"),
+    report: Report = frozen_from(
+        Report,
+        {
+            "subject": _str(fields["subject"], "subject"),
+            "monitor": _str(fields["monitor"], "monitor"),
+            "sequence": _count(fields["sequence"], "sequence"),
+            "started_at": _seconds(fields["started_at"], "started_at"),
+            "ended_at": _seconds(fields["ended_at"], "ended_at"),
+            "algorithm": algorithm,
+            "root": _hex(fields["root"], "root"),
+            "verdict": verdict,
+            "targets": tuple(targets),
+            "mismatches": tuple(mismatches),
+            "measured_bytes": _count(fields["measured_bytes"], "measured_bytes"),
+        },
     )
     if report.ended_at < report.started_at:
         raise _malformed(f"ended_at {report.ended_at!r} is before started_at {report.started_at!r}")

@@ -31,7 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from smig.errors import ConfigError
-from smig.model import HostRecord, TrustState, Verdict, VerifiedMeasurement
+from smig.model import HostRecord, TrustState, Verdict, VerifiedMeasurement, frozen_from
 
 _S = TrustState
 
@@ -285,7 +285,10 @@ def _confirmed(rows: Mapping[str, HostRecord], ev: Verified, config: PolicyConfi
         or subject.strikes >= config.strike_limit
     ):
         return None
-    measured = VerifiedMeasurement(ev.at, ev.monitor, ev.sequence, ev.root, ev.verdict)
+    measured: VerifiedMeasurement = frozen_from(
+        VerifiedMeasurement,
+        {"at": ev.at, "monitor": ev.monitor, "sequence": ev.sequence, "root": ev.root, "verdict": ev.verdict},
+    )
     if subject.verified == measured:
         return Outcome({}, ())
     return Outcome({subject.host: _with(subject, verified=measured)}, ())

@@ -30,7 +30,7 @@ from smig.aim.report_batch import authenticate_batch
 from smig.aim.ring import assign_monitors
 from smig.errors import ConfigError, HostExists, HostNotFound, ReportRejected
 from smig.ivt.base import IVTStore, Transaction
-from smig.model import HostRecord, Report, Resources, TrustState
+from smig.model import HostRecord, Report, Resources, TrustState, frozen_from
 from smig.rctcb.policy import (
     Effect,
     Enrolled,
@@ -255,12 +255,24 @@ class _Run:
     def _decide(self, item: int, report: Report) -> list[tuple[str, str, Mapping[str, object]]]:
         """Let ``report`` count; the audit entries of what it caused."""
         region = self.region
-        event = Verified(report.subject, report.monitor, report.verdict, report.ended_at, report.sequence, report.root)
+        event: Verified = frozen_from(
+            Verified,
+            {
+                "subject": report.subject,
+                "monitor": report.monitor,
+                "verdict": report.verdict,
+                "at": report.ended_at,
+                "sequence": report.sequence,
+                "root": report.root,
+            },
+        )
         outcome = decide(self.rows, event, region.config.policy, self.assigned)
         self.rows.update(outcome.rows)
         self.changed.update(outcome.rows)
         self.sequences.accept(report.monitor, report.subject, report.sequence)
-        self.results.append(ReportResult(report, report.monitor, effects=outcome.effects, rows=outcome.rows, item=item))
+        fields = {"report": report, "monitor": report.monitor, "reason": "", "message": ""}
+        fields |= {"effects": outcome.effects, "rows": outcome.rows, "item": item}
+        self.results.append(frozen_from(ReportResult, fields))
         if any(isinstance(e, StateChanged) for e in outcome.effects):
             self.assigned = _assign(self.rows, region.config.monitors_per_host)
         return [(_effect_kind(e), _effect_subject(e), _effect_body(e)) for e in outcome.effects]
