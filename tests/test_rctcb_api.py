@@ -472,3 +472,27 @@ def test_an_operator_approves_a_new_manifest_and_reads_the_migration_orders(lab:
     assert lab.store.get("h1").manifest == "n" * 64
     approved = [e.body for e in lab.store.audit_entries() if e.kind == "manifest.approved"]
     assert approved == [{"old": "m" * 64, "new": "n" * 64}]
+
+
+def test_a_certificate_accepted_before_is_refused_once_it_expires(lab: Lab) -> None:
+    # The edge keeps verified certificates between requests; their validity is checked on each.
+    async def story() -> None:
+        async with lab.client(lab.ca.issue("operator", "alice", not_after=T0 + 60)) as client:
+            assert (await client.get("/v1/hosts")).status_code == 200
+            lab.clock.now = T0 + 61
+            r = await client.get("/v1/hosts")
+            assert (r.status_code, r.json()["reason"]) == (403, "expired-certificate")
+            lab.clock.now = T0 + 30
+            assert (await client.get("/v1/hosts")).status_code == 200
+
+    run(story())
+
+
+def test_report_results_are_written_as_their_model_would_write_them(lab: Lab) -> None:
+    from smig.rctcb.api import _result_json, _result_out
+    from smig.rctcb.region import ReportResult
+
+    accepted = ReportResult(lab.report(lab.monitor_of("h1"), "h1"), "h2")
+    refused = ReportResult(None, "h2", "stale", "too old", item=3)
+    for result in (accepted, refused):
+        assert _result_json(result) == _result_out(result).model_dump(exclude_none=True)
