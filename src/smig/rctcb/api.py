@@ -381,8 +381,8 @@ def _add_routes(
             # Written here as ReportsOut would be (exclude_none): as models, 20 results a request
             # cost more than their TLS. The response model still documents the body.
             rejected = len(results) - accepted
-            body = {"results": [_result_json(r) for r in results], "accepted": accepted, "rejected": rejected}
-            return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+            written = {"results": [_result_json(r) for r in results], "accepted": accepted, "rejected": rejected}
+            return Response(json.dumps(written, separators=(",", ":")), media_type="application/json")
         out = ReportsOut(results=[_result_out(r) for r in results], accepted=accepted, rejected=len(results) - accepted)
         reasons = sorted({r.reason for r in results})
         status = 403 if FORBIDDING_REASONS.intersection(reasons) else 422
