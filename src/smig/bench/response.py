@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import os
 import signal
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -179,7 +180,36 @@ async def _direct(vms: int, dirty: int) -> float:
             await asyncio.gather(*(driver.stop(s.name) for s in specs), return_exceptions=True)
 
 
-def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+# The figures of one end-to-end case that repeats summarise (median and range).
+REPEATED = ("tamper_to_untrusted_ms", "untrusted_to_first_command_ms", "evacuation_ms", "direct_ms",
+            "ratio_vs_direct", "response_ms")  # fmt: skip
+
+
+def _case(vms: int, dirty: int, repeats: int, say: Progress) -> dict[str, Any]:
+    """One end-to-end case, ``repeats`` times, each in a fresh lab. The figures are the medians over
+    the repeats, with every repeat's value under ``samples``; the per-VM breakdown is the first
+    repeat's; ``live``, ``moved`` and ``moves`` count over all of them."""
+    done = []
+    for k in range(repeats):
+        if repeats > 1:
+            say(f"{vms} guest(s), dirty {dirty}: repeat {k + 1} of {repeats}")
+        smig = _smig_run(vms, dirty, say)
+        smig["ratio_vs_direct"] = ratio(smig["evacuation_ms"], smig["direct_ms"]) if smig["evacuation_ms"] else None
+        done.append(smig)
+    case: dict[str, Any] = {"vms": vms, "dirty_mbps": dirty, **done[0], "repeats": repeats}
+    case["samples"] = {key: [d[key] for d in done] for key in REPEATED}
+    for key in REPEATED:
+        values = [x for x in case["samples"][key] if x is not None]
+        # A repeat without the figure (a move that never landed) leaves the case without it.
+        case[key] = statistics.median(values) if len(values) == repeats else None
+    case["live"] = sum(d["live"] for d in done)
+    case["moved"] = sum(d["moved"] for d in done)
+    case["moves"] = sum(d["vms"] for d in done)
+    case["downtime_ms"] = [x for d in done for x in d["downtime_ms"]]
+    return case
+
+
+def run(quick: bool = False, progress: Progress | None = None, repeats: int = 1) -> dict[str, Any]:
     """Raises what the lab raises (LabError, LaunchError, ...) when a region cannot come up."""
     say = progress or (lambda _: None)
     vm_counts = QUICK_VMS if quick else FULL_VMS
@@ -187,24 +217,13 @@ def run(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]
     trials = QUICK_TRIALS if quick else FULL_TRIALS
     say(f"the RC-TCB's reaction: {trials} trials for each of {vm_counts} guests")
     reaction = run_reaction(trials, vm_counts)
-    runs = []
-    for dirty in loads:
-        for vms in vm_counts:
-            smig = _smig_run(vms, dirty, say)
-            direct = smig["direct_ms"]
-            runs.append(
-                {
-                    "vms": vms,
-                    "dirty_mbps": dirty,
-                    **smig,
-                    "ratio_vs_direct": ratio(smig["evacuation_ms"], direct) if smig["evacuation_ms"] else None,
-                }
-            )
+    runs = [_case(vms, dirty, repeats, say) for dirty in loads for vms in vm_counts]
     worst = max((r["p99_ms"] for r in reaction), default=None)
     ratios = [r["ratio_vs_direct"] for r in runs if r["ratio_vs_direct"] is not None]
     return {
         "name": "response",
         "memory_mib": MEMORY_MIB,
+        "repeats": repeats,
         "reaction": reaction,
         "runs": runs,
         "goal_reaction_p99_ms": GOAL_REACTION_P99_MS,
@@ -253,6 +272,16 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     return save(fig, path)
 
 
+def _cell(case: dict[str, Any], key: str) -> str:
+    """A table cell: the case's figure, with the range over its repeats when it was repeated."""
+    text = (lambda v: f"{v:.2f}") if key == "ratio_vs_direct" else ms_text
+    value = case[key]
+    samples = [v for v in case.get("samples", {}).get(key, []) if v is not None]
+    if value is None or len(samples) < 2:
+        return "-" if value is None else text(value)
+    return f"{text(value)} ({text(min(samples))}-{text(max(samples))})"
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = [
         "### Response time: tamper to every VM on a trusted host",
@@ -278,12 +307,12 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for x in r["runs"]:
+        cells = [_cell(x, key) for key in REPEATED]
         lines.append(
-            f"| {x['vms']} | {x['dirty_mbps']} | {ms_text(x['tamper_to_untrusted_ms'])} | "
-            f"{ms_text(x['untrusted_to_first_command_ms'])} | {ms_text(x['evacuation_ms'])} | "
-            f"{ms_text(x['direct_ms'])} | "
-            f"{x['ratio_vs_direct']} | {ms_text(x['response_ms'])} | {x['live']}/{x['vms']} |"
+            f"| {x['vms']} | {x['dirty_mbps']} | {' | '.join(cells)} | {x['live']}/{x.get('moves', x['vms'])} |"
         )
+    if r.get("repeats", 1) > 1:
+        lines += ["", f"Each case {r['repeats']} times, each in a fresh lab: median (min-max) over the repeats."]
     met = "met" if r["meets_ratio_goal"] else "not met"
     lines += ["", f"**Goal: SMIG's evacuation within {r['goal_ratio']}x of the direct migrations: {met}.**"]
     off_path = [

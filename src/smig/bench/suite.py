@@ -12,7 +12,7 @@ import importlib
 import json
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,11 @@ def run_suite(
     plots: Path,
     write: Path | None,
     progress: Progress,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run ``names`` in order; returns their figures by name. A benchmark that fails stops the suite
-    (its error propagates) after the ones before it were written."""
+    """Run ``names`` in order, each with its ``options`` (keyword arguments of its ``run``);
+    returns their figures by name. A benchmark that fails stops the suite (its error propagates)
+    after the ones before it were written."""
     command = shlex.join(["smig", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "smig bench all"
     done: dict[str, dict[str, Any]] = {}
     results.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,8 @@ def run_suite(
         module = _module(name)
         progress(f"{name}: starting")
         before = machine()  # the load average the run started under, not the one it left
-        figures: dict[str, Any] = module.run(quick=quick, progress=lambda m, n=name: progress(f"{n}: {m}"))
+        extra = (options or {}).get(name, {})
+        figures: dict[str, Any] = module.run(quick=quick, progress=lambda m, n=name: progress(f"{n}: {m}"), **extra)
         figures["machine"] = before
         figures["command"] = command
         figures["quick"] = quick

@@ -29,13 +29,14 @@ _QUICK = typer.Option(False, "--quick", help="A few small cases: the whole bench
 _JSON = typer.Option(False, "--json", help="Print one JSON object of the figures (for scripts).")
 
 
-def _run(name: str, quick: bool, as_json: bool, plot: Path | None = None) -> dict[str, Any]:
-    """Run ``smig.bench.<name>``, print its figures (Markdown, or JSON), draw its plot, return them."""
+def _run(name: str, quick: bool, as_json: bool, plot: Path | None = None, **options: Any) -> dict[str, Any]:
+    """Run ``smig.bench.<name>`` (with ``options``), print its figures (Markdown, or JSON), draw its
+    plot, return them."""
     module = importlib.import_module(f"smig.bench.{name}")
     runner: Callable[..., dict[str, Any]] = module.run
     before = machine()  # the load average the run started under, not the one it left
     try:
-        result = runner(quick=quick, progress=lambda m: err.print(f"[dim]… {m}[/dim]"))
+        result = runner(quick=quick, progress=lambda m: err.print(f"[dim]… {m}[/dim]"), **options)
         result["machine"] = before
     except SmigError as e:
         fail(e.message)
@@ -135,16 +136,21 @@ def response(
     quick: bool = _QUICK,
     as_json: bool = _JSON,
     plot: Path | None = typer.Option(None, "--plot", help="Also draw each VM's response-time breakdown into this PNG."),
+    repeats: int = typer.Option(
+        1, "--repeats", min=1, help="Run each end-to-end case this many times, each in a fresh lab (1-2 min each)."
+    ),
 ) -> None:
     """Time the response: UNTRUSTED to the first migration command, and tamper to every VM moved.
 
     The RC-TCB's reaction in process over 100 trials (goal p99 under 20 ms); then, in a lab of
     four hosts, 1, 2, 4 and 8 guests on the tampered host, idle and dirtying (--quick: one idle
     guest), against the same guests migrated directly on loopback in the same run (goal: SMIG's
-    evacuation within 1.1x). Needs root, like `smig lab`. JSON: per run, per_vm lists each VM's
-    phases (detect, judge, then its order's states) in ms after the tamper, as --plot draws them.
+    evacuation within 1.1x). With --repeats N each case's figures are medians over N fresh labs,
+    with each repeat's under `samples`. Needs root, like `smig lab`. JSON: per run, per_vm lists
+    each VM's phases (detect, judge, then its order's states) in ms after the tamper, as --plot
+    draws them (from the first repeat).
     """
-    _run("response", quick, as_json, plot)
+    _run("response", quick, as_json, plot, repeats=repeats)
 
 
 @app.command("all")
@@ -156,6 +162,9 @@ def suite(
     results: Path = typer.Option(Path("bench/results"), "--results", help="Directory of the NAME.json figures."),
     plots: Path = typer.Option(Path("docs/plots"), "--plots", help="Directory of the PNG plots."),
     only: list[str] = typer.Option([], "--only", help="Run only these benchmarks (repeatable)."),
+    response_repeats: int = typer.Option(
+        1, "--response-repeats", min=1, help="Run each end-to-end response case this many times (1-2 min each)."
+    ),
 ) -> None:
     """Run the suite: measure, detection, transient, placement, migration, overhead, response.
 
@@ -176,6 +185,7 @@ def suite(
             plots=plots,
             write=write,
             progress=lambda m: err.print(f"[dim]… {m}[/dim]"),
+            options={"response": {"repeats": response_repeats}},
         )
     except SmigError as e:
         fail(e.message)
