@@ -264,6 +264,8 @@ def test_a_flat_pass_hashes_as_views_are_added_and_an_error_leaves_the_reader_us
         with pytest.raises(RuntimeError), reader.flat_pass(1 << 20) as failed:
             failed.add(memoryview(pieces[0]))
             raise RuntimeError("the caller failed while views were queued")
+        with reader.flat_pass(0) as unfinished:  # left without finish(): its thread must not wait on
+            unfinished.add(memoryview(pieces[2]))
         again = reader.flat_digests([memoryview(p) for p in pieces])
     finally:
         reader.close()

@@ -293,7 +293,8 @@ class FlatPass:
     exception: it goes through BLAKE3's own threads, on every core. Their time is on no clock of
     this Reader's, so the process's CPU time over that call is charged to
     :attr:`Reader.worker_cpu_s`, less the caller's own: anything else the process ran meanwhile
-    is charged too, which errs toward measuring less often. Use it as a context manager so an error stops the threads.
+    is charged too, which errs toward measuring less often. Use it as a context manager: however
+    the pass ends, its threads stop.
     """
 
     def __init__(self, reader: Reader, total: int) -> None:
@@ -310,13 +311,15 @@ class FlatPass:
         return self
 
     def __exit__(self, kind: object, *_: object) -> None:
-        if kind is not None:
-            with self._cond:
+        # The threads wait for more views until the pass is closed: close it however it ends
+        # (after an error, dropping what is still queued).
+        with self._cond:
+            if kind is not None:
                 self._items.clear()
-                self._closed = True
-                self._cond.notify_all()
-            wait(self._futures)
-            self._futures = []
+            self._closed = True
+            self._cond.notify_all()
+        wait(self._futures)
+        self._futures = []
 
     def expect(self, total: int) -> None:
         """Say (again) about how many bytes the pass will hash, if the first guess was off."""
