@@ -172,3 +172,22 @@ def test_a_cold_restart_needs_a_fence_whatever_the_source_says() -> None:
     assert restarting.state is OrderState.RESTARTING and restarting.fenced
     _, actions = next_step(restarting, Where(((BAD, None), ("t1", W.ABSENT))), 103.0, config)
     assert actions == (StartFromDisk("t1", "o.1"),), "fenced and silent: now the disk may boot"
+
+
+def test_a_vm_still_arriving_is_waited_for_until_its_deadline() -> None:
+    from smig.rctcb.agents import VMWhere as W
+    from smig.rctcb.orders import Confirm, OrchestratorConfig, Where, completion_timeout, next_step
+
+    config = OrchestratorConfig()
+    completing = _migrating(state=OrderState.COMPLETING, cancel="", deadline=None)
+    arriving = Where(((BAD, W.ABSENT), ("t1", W.INCOMING)))
+    waiting, actions = next_step(completing, arriving, 101.0, config)
+    assert (waiting.state, actions) == (OrderState.COMPLETING, (Confirm(),))
+    assert waiting.deadline == 101.0 + completion_timeout(completing.vm, config)
+    same, actions = next_step(waiting, Where(((BAD, W.PAUSED), ("t1", W.INCOMING))), 102.0, config)
+    assert same is waiting and actions == (Confirm(),), "a postmigrate source is no reason to give up either"
+    done, _ = next_step(waiting, Where(((BAD, W.ABSENT), ("t1", W.RUNNING))), 103.0, config)
+    assert done.state is OrderState.DONE
+    # It never lands: past the deadline the VM is treated as lost on the way, fenced before a restart.
+    late, _ = next_step(waiting, arriving, waiting.deadline + 1, config)
+    assert late.state is OrderState.FENCING

@@ -548,3 +548,18 @@ def test_smig_migrations_shows_the_orders_from_the_store(db: Path, tmp_path: Pat
         [smig, "migrations", "--db", str(tmp_path / "none.sqlite")], env=env, capture_output=True, text=True
     )
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_a_vm_still_arriving_when_its_migration_completed_is_waited_for_not_restarted(db: Path) -> None:
+    # Seen in the lab with guests writing memory: the source reports the migration completed while
+    # the target's QEMU is still loading the device state ("inmigrate"), and the source is gone.
+    # The VM is arriving, not lost: restarting it from disk would throw away the copy that crossed.
+    fake = FakeRegionAgents()
+    fake.arriving["web"] = 3
+    orch = evacuate(db, fake, [vm("web")])
+    store = orch._store
+    assert isinstance(store, SQLiteStore)
+    assert assert_evacuated(store, fake, [vm("web")]) == {"web": "t1"}
+    assert not [c for c in fake.calls if c[1] in ("fence", "start_from_disk")], "moved live, nothing restarted"
+    assert [k for k in kinds(store) if k.startswith("migration.")][-2:] == ["migration.completing", "migration.done"]
+    store.close()

@@ -57,6 +57,10 @@ class FakeRegionAgents:
         self.slots: dict[str, str] = {}  # "host/vm" → order id of its incoming slot
         self.migrations: dict[str, dict[str, Any]] = {}  # "source/vm" → its latest outgoing migration
         self.sizes: dict[str, int] = {}  # vm → memory in MiB
+        # vm → `where` answers its target gives INCOMING after the migration completed, before it
+        # runs the VM (a real QEMU stays "inmigrate" while it loads the device state)
+        self.arriving: dict[str, int] = {}
+        self._landing: dict[str, int] = {}  # "host/vm" → such answers still to give
         self.calls: list[tuple[str, str, str, str]] = []  # (host, method, vm, order id)
 
     # -- the test's side -------------------------------------------------------------------------
@@ -182,7 +186,10 @@ class FakeRegionAgents:
             elif m["polls"] >= self.polls.get(vm, self.polls_to_complete):
                 m["status"] = MigrationPhase.COMPLETED.value
                 self._set(host, vm, VMWhere.ABSENT)  # switch-over: the source stops first...
-                self._set(m["target"], vm, VMWhere.RUNNING)  # ...then the target runs
+                if self.arriving.get(vm):
+                    self._landing[f"{m['target']}/{vm}"] = self.arriving[vm]  # ...the target loads...
+                else:
+                    self._set(m["target"], vm, VMWhere.RUNNING)  # ...then the target runs
         need = self.polls.get(vm, self.polls_to_complete)
         done = total if m["status"] == "completed" else min(total, total * m["polls"] // max(need, 1))
         error = "the destination closed the connection" if m["status"] == "failed" else None
@@ -204,6 +211,12 @@ class FakeRegionAgents:
 
     def where(self, host: str, vm: str) -> VMWhere:
         self._enter(host, "where", vm)
+        key = f"{host}/{vm}"
+        if key in self._landing and self.hosts[host].get(vm) == VMWhere.INCOMING.value:
+            self._landing[key] -= 1
+            if self._landing[key] < 0:  # loaded: it runs from now on
+                del self._landing[key]
+                self._set(host, vm, VMWhere.RUNNING)
         return VMWhere(self.hosts[host].get(vm, VMWhere.ABSENT.value))
 
     def fence(self, host: str, vm: str) -> None:

@@ -458,11 +458,15 @@ _RETRYABLE = (OrderState.PREPARING, OrderState.MIGRATING, OrderState.COMPLETING)
 
 
 def _moves_on(answer: Observation) -> bool:
-    """An answer the next step acts on at once. A migration still running, or a call that failed
-    (an agent that is down), waits for the next round: asking again at once would only spin."""
+    """An answer the next step acts on at once. A migration still running, a VM still arriving
+    where nothing runs it yet, or a call that failed (an agent that is down), waits for the next
+    round: asking again at once would only spin."""
     if isinstance(answer, Progress):
         return answer.view.status is not MigrationPhase.ACTIVE
-    return isinstance(answer, Prepared | Where | Fenced | Restarted | Refused | Admitted)
+    if isinstance(answer, Where):
+        places = [where for _, where in answer.places]
+        return VMWhere.INCOMING not in places or VMWhere.RUNNING in places
+    return isinstance(answer, Prepared | Fenced | Restarted | Refused | Admitted)
 
 
 def _why(e: BaseException) -> str:

@@ -422,6 +422,16 @@ def _reconcile(
         return order, (Prepare(order.target, order.step_id),)
     if s is OrderState.FENCING:
         return order, (Fence(order.source),)
+    if s is OrderState.COMPLETING and obs.at(order.target) is VMWhere.INCOMING:
+        # The source sent the last of the VM, and the target is still taking it in (QEMU stays
+        # "inmigrate" until the device state is loaded): the VM is arriving, not lost, and a cold
+        # restart now would throw away the copy that just crossed. Wait, within the deadline.
+        if order.deadline is None:
+            return _go(order, now, OrderState.COMPLETING, deadline=now + completion_timeout(order.vm, config)), (
+                Confirm(),
+            )
+        if now < order.deadline:
+            return order, (Confirm(),)
     # Once fenced, the source's silence is expected (an agent that ignores the RC-TCB): the fence,
     # not its word, is what shows the VM gone from it.
     if source is VMWhere.ABSENT or (order.fenced and source is None):
