@@ -50,7 +50,8 @@ def render(r: IngestResult, command: str, raw: str) -> str:
         f"Date: {r.date}. Machine: nproc {r.cpus}, {_cpu_model()}, Linux {platform.release()}, "
         f"Python {platform.python_version()}. Load average at the end: {os.getloadavg()[0]:.2f}.  ",
         f"A region of {c.hosts} hosts enrolled (vouched, TRUSTED) through the API of `smig rctcb serve` in its own "
-        f"process; each host measured by 2 monitors. {c.clients} concurrent clients (asyncio; HTTP/1.1 written and read by `smig.rctcb.loadgen_http`, as `wrk` does) in another "
+        f"process; each host measured by 2 monitors. {c.clients} concurrent clients (asyncio; HTTP/1.1 written "
+        "and read by `smig.rctcb.loadgen_http`, as `wrk` does) in another "
         f"process send {r.ingest.reports} MATCH reports (signed before timing, {r.report_bytes} bytes each on the "
         f"wire, {c.targets} target digests) of {r.monitors} monitors, up to {r.rounds} rounds each, "
         f"{r.batch_size} a request: one agent's reports over {c.rounds_per_batch} rounds, over that agent's own "
