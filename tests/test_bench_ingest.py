@@ -49,7 +49,7 @@ def test_each_request_on_its_own_connection_when_asked() -> None:
     assert result.baseline.tls_handshakes == 12
 
 
-def _serve_once(replies: list[bytes]) -> tuple[asyncio.Server, list[bytes]]:
+async def _serve(replies: list[bytes]) -> tuple[asyncio.Server, list[bytes]]:
     """A plain TCP server answering each request it reads with the next of ``replies``."""
     seen: list[bytes] = []
 
@@ -62,15 +62,14 @@ def _serve_once(replies: list[bytes]) -> tuple[asyncio.Server, list[bytes]]:
             await writer.drain()
         writer.close()
 
-    return asyncio.start_server(handle, "127.0.0.1", 0), seen  # type: ignore[return-value]
+    return await asyncio.start_server(handle, "127.0.0.1", 0), seen
 
 
 def test_the_agent_connection_is_kept_and_refuses_what_it_cannot_read() -> None:
     async def scenario() -> tuple[list[Reply], list[bytes], int, str]:
         ok = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"count":1}'
         chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
-        starting, seen = _serve_once([ok, ok, chunked])
-        server = await starting
+        server, seen = await _serve([ok, ok, chunked])
         port = server.sockets[0].getsockname()[1]
         conn = AgentConnection("127.0.0.1", port, None, "h00001", 5.0)
         replies = [await conn.post("/v1/noop", b'{"reports":["a"]}') for _ in range(2)]

@@ -55,7 +55,7 @@ def test_repeated_cases_give_medians_with_every_repeat_kept(monkeypatch: pytest.
             **f,
             "tamper_to_untrusted_ms": 500.0,
             "untrusted_to_first_command_ms": 5.0,
-            "response_ms": f["evacuation_ms"] + 600,  # type: ignore[operator]
+            "response_ms": f["evacuation_ms"] + 600,
             "same_boot": 2,
             "downtime_ms": [100, 120],
             "per_vm": [],
