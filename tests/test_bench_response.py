@@ -58,7 +58,8 @@ def test_repeated_cases_give_medians_with_every_repeat_kept(monkeypatch: pytest.
             "response_ms": f["evacuation_ms"] + 600,
             "same_boot": 2,
             "downtime_ms": [100, 120],
-            "per_vm": [],
+            "per_vm": [{"vm": "vm1", "mode": "live", "why_not_live": []}]
+            + ([{"vm": "vm2", "mode": "restart", "why_not_live": ["fenced"]}] if f["live"] == 1 else []),
         }
 
     monkeypatch.setattr(response, "_smig_run", fake_run)
@@ -75,3 +76,4 @@ def test_repeated_cases_give_medians_with_every_repeat_kept(monkeypatch: pytest.
         "| 2 | 10 | 500 (500-500) | 5 (5-5) | 4,000 (3,000-5,000) | 2,500 (2,000-4,000) | 1.50 (1.00-2.00) |" in table
     )
     assert "5/6 |" in table and "3 times, each in a fresh lab" in table
+    assert "- 2 guests, 10 MiB/s, repeat 2: vm2 (restart): fenced" in table, "every repeat's off-path moves are listed"

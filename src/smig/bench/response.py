@@ -206,6 +206,13 @@ def _case(vms: int, dirty: int, repeats: int, say: Progress) -> dict[str, Any]:
     case["moved"] = sum(d["moved"] for d in done)
     case["moves"] = sum(d["vms"] for d in done)
     case["downtime_ms"] = [x for d in done for x in d["downtime_ms"]]
+    # Every repeat's moves that left the live path, and why (the breakdown keeps the first's only).
+    case["off_path"] = [
+        {"repeat": k + 1, "vm": v["vm"], "mode": v["mode"], "why": v["why_not_live"]}
+        for k, d in enumerate(done)
+        for v in d.get("per_vm", [])
+        if v.get("why_not_live") or v.get("mode") != "live"
+    ]
     return case
 
 
@@ -316,10 +323,10 @@ def markdown(r: dict[str, Any]) -> str:
     met = "met" if r["meets_ratio_goal"] else "not met"
     lines += ["", f"**Goal: SMIG's evacuation within {r['goal_ratio']}x of the direct migrations: {met}.**"]
     off_path = [
-        f"{x['vms']} guests, {x['dirty_mbps']} MiB/s: {v['vm']} ({v['mode']}): {'; '.join(v['why_not_live'])}"
+        f"{x['vms']} guests, {x['dirty_mbps']} MiB/s, repeat {v['repeat']}: {v['vm']} ({v['mode']}): "
+        f"{'; '.join(v['why']) or 'no reason recorded'}"
         for x in r["runs"]
-        for v in x.get("per_vm", [])
-        if v.get("why_not_live")
+        for v in x.get("off_path", [])
     ]
     if off_path:
         lines += ["", "Moves that left the live path, and why (from the audit log):", ""]
