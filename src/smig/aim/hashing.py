@@ -203,14 +203,6 @@ class Reader:
                 batch.add_range(start, length)
             return batch.finish()
 
-    def flat_digests(self, views: Sequence[memoryview]) -> list[str]:
-        """The flat digest of each view, in order (a :meth:`flat_pass` fed largest first)."""
-        order = sorted(range(len(views)), key=lambda i: -len(views[i]))
-        with self.flat_pass(sum(len(v) for v in views)) as flats:
-            slots = {i: flats.add(views[i]) for i in order}
-            digests = flats.finish()
-        return [digests[slots[i]] for i in range(len(views))]
-
     def flat_pass(self, total: int) -> FlatPass:
         """A pass that hashes views as they are added (``total``: about how many bytes will be)."""
         return FlatPass(self, total)

@@ -183,13 +183,14 @@ class Measurer:
         return _Round(mismatches=[hidden])
 
     def _measure_process(self, pid: int, out: _Round, shared: dict[tuple[str, int, int, int], str]) -> None:
-        with self._reader.flat_pass(sum(len(v) for _, _, v in self._in_place_last.get(pid, ()))) as early:
+        last = self._in_place_last.get(pid, [])
+        with self._reader.flat_pass(sum(len(v) for _, _, v in last)) as early:
             # What was hashed in place last round is hashed again at once, before this round
             # has read the process's maps and page tables: those reads take the time the
             # hashing would otherwise wait for. Each early digest counts only for a mapping that
             # is still the same range of the same file and is proved again, this round, to be
             # the same frames (see _start_in_place); the rest is hashed as usual.
-            started = {start: (identity, early.add(view)) for start, identity, view in self._in_place_last.get(pid, ())}
+            started = {start: (identity, early.add(view)) for start, identity, view in last}
             self._measure_maps(pid, out, shared, early, started)
 
     def _measure_maps(

@@ -331,9 +331,6 @@ class _Draft:
     def settle(self, row: HostRecord, state: TrustState, at: float, reason: str, **fields: Any) -> HostRecord:
         """Put ``row`` in ``state`` with ``fields`` changed; only a real change of state is announced."""
         if row.state is state:
-            # Most reports confirm what the row already says: no second copy of it for nothing.
-            if all(getattr(row, k) == v for k, v in fields.items()):
-                return self.put(row)
             return self.put(_with(row, **fields))
         assert (row.state, state) in TRANSITIONS, f"{row.state} → {state} is not in TRANSITIONS"
         self.emit(StateChanged(row.host, row.state, state, at, reason))

@@ -121,7 +121,7 @@ class _Overlay(Mapping[str, HostRecord]):
 
     def __init__(self, base: Mapping[str, HostRecord]) -> None:
         self.base = base
-        self.changes: dict[str, HostRecord] = {}
+        self.changes: dict[str, HostRecord] = {}  # the rows the run changed: what its transaction writes
 
     def __getitem__(self, host: str) -> HostRecord:
         changes = self.changes
@@ -201,7 +201,6 @@ class _Run:
         self.assigned = region.assignment()
         self.sequences = _Sequences(region)
         self.keys = _Keys(region, self.rows)
-        self.changed: dict[str, HostRecord] = {}
         self.audit: list[tuple[str, str, Mapping[str, object]]] = []
         self.results: list[ReportResult] = []
 
@@ -268,10 +267,9 @@ class _Run:
         )
         outcome = decide(self.rows, event, region.config.policy, self.assigned)
         self.rows.update(outcome.rows)
-        self.changed.update(outcome.rows)
         self.sequences.accept(report.monitor, report.subject, report.sequence)
-        fields = {"report": report, "monitor": report.monitor, "reason": "", "message": ""}
-        fields |= {"effects": outcome.effects, "rows": outcome.rows, "item": item}
+        fields = {"report": report, "monitor": report.monitor, "reason": "", "message": "", "effects": outcome.effects,
+                  "rows": outcome.rows, "item": item}  # fmt: skip
         self.results.append(frozen_from(ReportResult, fields))
         if any(isinstance(e, StateChanged) for e in outcome.effects):
             self.assigned = _assign(self.rows, region.config.monitors_per_host)
@@ -417,10 +415,10 @@ class Region:
                     owners += [request] * (len(run.results) - len(owners))
             with self.store.transaction() as tx:
                 tx.set_last_sequences([(m, s, q) for (m, s), q in run.sequences.accepted.items()])
-                tx.put_all(list(run.changed.values()))
+                tx.put_all(list(run.rows.changes.values()))
                 for kind, subject, body in run.audit:
                     tx.audit(kind, subject, body, now)
-            self._commit(run.changed)
+            self._commit(run.rows.changes)
             self._sequences.update(run.sequences.accepted)
             grouped: list[list[ReportResult]] = [[] for _ in requests]
             for owner, result in zip(owners, run.results, strict=True):
