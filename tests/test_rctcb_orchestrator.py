@@ -4,6 +4,7 @@ the happy path, a stalled target, a refusing source, no room, and a crash at eve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import subprocess
@@ -74,8 +75,10 @@ def build_region(path: Path, vms: list[PlacedVM], fake: FakeRegionAgents) -> Non
         fake.run(v)
 
 
-def orchestrator(store: SQLiteStore, fake: FakeRegionAgents | CrashingAgents, clock: Clock) -> Orchestrator:
-    return Orchestrator(Region(store), fake, placement=PLACEMENT, config=CONFIG, clock=clock)
+def orchestrator(
+    store: SQLiteStore, fake: FakeRegionAgents | CrashingAgents, clock: Clock, placement: PlacementConfig = PLACEMENT
+) -> Orchestrator:
+    return Orchestrator(Region(store), fake, placement=placement, config=CONFIG, clock=clock)
 
 
 def assert_evacuated(store: SQLiteStore, fake: FakeRegionAgents, vms: list[PlacedVM]) -> dict[str, str]:
@@ -133,32 +136,40 @@ def test_every_vm_of_an_untrusted_host_ends_on_exactly_one_trusted_host(db: Path
     store.close()
 
 
-def test_a_slot_freed_in_a_round_goes_to_a_waiting_order_in_that_round(db: Path) -> None:
-    # Two may leave the source at once; the third waits. When one of the two lands, the third's
-    # target is asked to prepare in that same round, not after the round's other calls, which in a
-    # real region can take seconds (a destination booting).
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_slot_freed_in_a_round_goes_to_a_waiting_order_in_that_round(db: Path, ahead: int) -> None:
+    # Two may send from the source at once; the third waits. When one of the two lands, the third
+    # takes its slot in that same round, not after the round's other calls, which in a real region
+    # can take seconds (a destination booting). With a move prepared ahead, the third's target
+    # was readied in the first round, and the freed slot starts its migration at once.
     vms = [vm("a"), vm("b"), vm("c")]
     fake = FakeRegionAgents()
     build_region(db, vms, fake)
+    placement = dataclasses.replace(PLACEMENT, prepare_ahead=ahead)
 
-    async def go() -> list[tuple[set[str], set[str]]]:
+    async def go() -> list[tuple[set[str], set[str], set[str]]]:
         with SQLiteStore(db) as store:
-            orch = orchestrator(store, fake, Clock())
+            orch = orchestrator(store, fake, Clock(), placement)
             await orch.evacuate(BAD, "mismatch confirmed by t1, t2")
             rounds = []
             while orch.active():
                 await orch.run_once()
                 done = {o.vm.name for o in orch.orders() if o.state is OrderState.DONE}
                 prepared = {c[2] for c in fake.calls if c[1] == "prepare_incoming"}
-                rounds.append((done, prepared))
+                sent = {c[2] for c in fake.calls if c[1] == "migrate"}
+                rounds.append((done, prepared, sent))
             return rounds
 
     rounds = asyncio.run(go())
-    assert len(rounds[0][1]) == 2, "two start at once, the third waits for a slot"
-    first_landed = next(i for i, (done, _) in enumerate(rounds) if done)
-    third_prepared = next(i for i, (_, prepared) in enumerate(rounds) if len(prepared) == 3)
-    assert third_prepared == first_landed, rounds
+    assert len(rounds[0][1]) == 2 + ahead, "two start at once, and as many as may prepare ahead"
+    assert len(next(sent for _, _, sent in rounds if sent)) == 2, "only two send at once"
+    first_landed = next(i for i, (done, _, _) in enumerate(rounds) if done)
+    # Without preparing ahead the third's first step is its target's prepare; with it, its send.
+    column = 1 if ahead == 0 else 2
+    third_began = next(i for i, r in enumerate(rounds) if len(r[column]) == 3)
+    assert third_began == first_landed, rounds
     assert rounds[-1][0] == {"a", "b", "c"}
+    assert fake.peak_sending[BAD] == 2
 
 
 class SlowTarget(FakeRegionAgents):

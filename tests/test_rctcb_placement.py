@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -12,10 +13,11 @@ from hypothesis import strategies as st
 
 from smig.errors import ConfigError
 from smig.model import HostRecord, PlacedVM, Resources, TrustState, Verdict, VerifiedMeasurement
-from smig.rctcb.placement import InFlight, Move, PlacementConfig, Plan, eligible, plan_evacuation
+from smig.rctcb.placement import InFlight, Move, PlacementConfig, Plan, SendSlots, eligible, plan_evacuation
 
 NOW = 1_000.0
 CFG = PlacementConfig()
+NO_AHEAD = PlacementConfig(prepare_ahead=0)  # a move begins only when it may send
 NOTHING = Resources(0, 0)
 
 
@@ -150,7 +152,7 @@ def test_priority_wins_scarce_capacity_and_the_rest_is_no_capacity() -> None:
 
 def test_at_most_two_leave_one_source_at_once_and_the_rest_wait_with_a_target() -> None:
     hosts = region(host("bad", TrustState.UNTRUSTED), *(host(f"t{i}") for i in range(5)))
-    result = plan([vm(f"vm{i}") for i in range(5)], hosts)
+    result = plan([vm(f"vm{i}") for i in range(5)], hosts, config=NO_AHEAD)
     assert [m.vm.name for m in result.start] == ["vm0", "vm1"]
     assert [m.vm.name for m in result.waiting] == ["vm2", "vm3", "vm4"]
     assert len(set(targets(result.start + result.waiting).values())) == 5  # waiting moves keep their own target
@@ -159,19 +161,45 @@ def test_at_most_two_leave_one_source_at_once_and_the_rest_wait_with_a_target() 
 def test_at_most_five_run_in_the_region_counting_those_already_running() -> None:
     hosts = region(*(host(f"bad{i}", TrustState.UNTRUSTED) for i in range(4)), *(host(f"t{i}") for i in range(4)))
     evacuees = [vm(f"vm{i}{j}", on=f"bad{i}") for i in range(4) for j in range(2)]
-    result = plan(evacuees, hosts)
+    result = plan(evacuees, hosts, config=NO_AHEAD)
     assert len(result.start) == 5 and len(result.waiting) == 3
     running = [InFlight("old", "bad9", "t9", Resources(1, 1024))] * 3
-    result = plan(evacuees, hosts, in_flight=running)
+    result = plan(evacuees, hosts, in_flight=running, config=NO_AHEAD)
     assert len(result.start) == 2 and len(result.waiting) == 6
 
 
 def test_at_most_two_arrive_at_one_target_at_once() -> None:
     hosts = region(*(host(f"bad{i}", TrustState.UNTRUSTED) for i in range(3)), host("t1", vcpus=64, memory_mib=65536))
     running = [InFlight("old", "bad9", "t1", Resources(1, 1024))]
-    result = plan([vm(f"vm{i}", on=f"bad{i}") for i in range(3)], hosts, in_flight=running)
+    result = plan([vm(f"vm{i}", on=f"bad{i}") for i in range(3)], hosts, in_flight=running, config=NO_AHEAD)
     assert [m.vm.name for m in result.start] == ["vm0"]
     assert [m.vm.name for m in result.waiting] == ["vm1", "vm2"]
+
+
+def test_prepare_ahead_begins_that_many_more_moves_but_never_more_send_at_once() -> None:
+    # Two may send from a source at once; two more prepare their target meanwhile, so each can send
+    # the moment a slot frees instead of waiting seconds for a destination to boot.
+    hosts = region(host("bad", TrustState.UNTRUSTED), *(host(f"t{i}") for i in range(6)))
+    result = plan([vm(f"vm{i}") for i in range(6)], hosts)  # the default: 2 sending, 2 ahead
+    assert [m.vm.name for m in result.start] == ["vm0", "vm1", "vm2", "vm3"]
+    assert [m.vm.name for m in result.waiting] == ["vm4", "vm5"]
+    begun = [InFlight(m.vm.name, m.source, m.target, m.vm.needs, sending=False) for m in result.start]
+    slots = SendSlots(begun, CFG)
+    assert [slots.take(m.source, m.target) for m in result.start] == [True, True, False, False]
+    # Moves still preparing count against the begun limit, not against the sending slots.
+    assert plan([vm("vm9")], hosts, in_flight=begun).waiting
+    sending = [replace(f, sending=True) for f in begun[:2]]
+    assert not SendSlots(sending, CFG).take("bad", "t5")
+    assert SendSlots(sending, PlacementConfig(max_outbound_per_host=3)).take("bad", "t5")
+
+
+def test_send_slots_keep_the_inbound_and_region_limits() -> None:
+    sending = [InFlight("a", "bad1", "t1", Resources(1, 1024)), InFlight("b", "bad2", "t1", Resources(1, 1024))]
+    slots = SendSlots([*sending, InFlight("c", "bad3", "t1", Resources(1, 1024), sending=False)], CFG)
+    assert not slots.take("bad3", "t1")  # t1 receives two already
+    assert slots.take("bad3", "t2")
+    region_of_one = SendSlots(sending[:1], PlacementConfig(max_per_region=1))
+    assert not region_of_one.take("bad9", "t9")
 
 
 @pytest.mark.parametrize(
@@ -184,6 +212,8 @@ def test_at_most_two_arrive_at_one_target_at_once() -> None:
         {"max_per_region": -1},
         {"max_inbound_per_host": 1.5},
         {"max_per_region": True},
+        {"prepare_ahead": -1},
+        {"prepare_ahead": 0.5},
     ],
 )
 def test_unusable_config_is_refused_with_a_message(kwargs: dict[str, object]) -> None:
@@ -241,6 +271,7 @@ configs = st.builds(
     max_outbound_per_host=st.integers(1, 3),
     max_per_region=st.integers(1, 6),
     max_inbound_per_host=st.integers(1, 3),
+    prepare_ahead=st.integers(0, 2),
 )
 
 
@@ -304,11 +335,16 @@ def test_placement_properties(scenario: Scenario, config: PlacementConfig) -> No
         if m.vm.anti_affinity:
             assert groups[m.target].count(m.vm.anti_affinity) == 1
 
-    # What starts keeps within every limit (counting what already runs); waiting only when a limit binds.
+    # What starts keeps within every limit raised by prepare_ahead (counting what already runs);
+    # waiting only when such a limit binds.
     def slots(x: Move | InFlight) -> list[tuple[str, str]]:
         return [("out", x.source), ("in", x.target), ("region", "")]
 
-    limit = {"out": config.max_outbound_per_host, "in": config.max_inbound_per_host, "region": config.max_per_region}
+    limit = {
+        "out": config.max_outbound_per_host + config.prepare_ahead,
+        "in": config.max_inbound_per_host + config.prepare_ahead,
+        "region": config.max_per_region + config.prepare_ahead,
+    }
     already = Counter(s for f in in_flight for s in slots(f))
     started = Counter(s for m in result.start for s in slots(m))
     assert all(already[s] + n <= limit[s[0]] for s, n in started.items())
@@ -322,6 +358,32 @@ def test_placement_properties(scenario: Scenario, config: PlacementConfig) -> No
         for h in ok - {n.vm.host}:
             free = hosts[h].capacity - used[h]
             assert not n.vm.needs.fits_in(free) or n.vm.anti_affinity in groups.get(h, []), (n, h)
+
+
+ENDS = st.tuples(st.sampled_from(["s1", "s2", "s3"]), st.sampled_from(["t1", "t2", "t3"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(ENDS, st.booleans()), max_size=10), st.lists(ENDS, max_size=10), configs)
+def test_send_slots_properties(
+    begun: list[tuple[tuple[str, str], bool]], asks: list[tuple[str, str]], config: PlacementConfig
+) -> None:
+    # Granted slots plus the moves sending already stay within every limit; moves still preparing
+    # count for nothing; a slot is refused only when a limit binds.
+    in_flight = [InFlight(f"v{i}", s, t, Resources(1, 1), sending) for i, ((s, t), sending) in enumerate(begun)]
+    slots = SendSlots(in_flight, config)
+    sending = Counter(k for f in in_flight if f.sending for k in (("out", f.source), ("in", f.target), ("region", "")))
+    limit = {"out": config.max_outbound_per_host, "in": config.max_inbound_per_host, "region": config.max_per_region}
+    before = Counter(sending)
+    grants: Counter[tuple[str, str]] = Counter()
+    for source, target in asks:
+        keys = [("out", source), ("in", target), ("region", "")]
+        granted = slots.take(source, target)
+        assert granted == all(sending[k] < limit[k[0]] for k in keys)
+        if granted:
+            sending.update(keys)
+            grants.update(keys)
+    assert all(n <= max(0, limit[k[0]] - before[k]) for k, n in grants.items())
 
 
 def brute_force_targets(

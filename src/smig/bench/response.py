@@ -247,6 +247,7 @@ PHASE_COLOURS = {
     "plan": "#fdae6b",
     "planned": "#fdd0a2",
     "preparing": "#e6550d",
+    "ready": "#fd8d3c",
     "migrating": "#31a354",
     "completing": "#a1d99b",
     "fencing": "#756bb1",

@@ -62,6 +62,7 @@ class FakeRegionAgents:
         self.arriving: dict[str, int] = {}
         self._landing: dict[str, int] = {}  # "host/vm" → such answers still to give
         self.calls: list[tuple[str, str, str, str]] = []  # (host, method, vm, order id)
+        self.peak_sending: dict[str, int] = {}  # source → most migrations it had active at once
 
     # -- the test's side -------------------------------------------------------------------------
 
@@ -164,6 +165,8 @@ class FakeRegionAgents:
         if self.slots.get(f"{target}/{vm}") != rest.partition("/")[2]:
             raise DestinationUnreachable(f"no incoming slot at {address}", host=host, vm=vm)
         self.migrations[key] = {"order": order_id, "target": target, "status": "active", "polls": 0}
+        active = sum(k.startswith(f"{host}/") and m["status"] == "active" for k, m in self.migrations.items())
+        self.peak_sending[host] = max(self.peak_sending.get(host, 0), active)
 
     def progress(self, host: str, vm: str, order_id: str) -> MigrationView:
         self._enter(host, "progress", vm, order_id)

@@ -7,6 +7,10 @@ changed, each with its ``migration.<state>`` audit entry, in **one** transaction
 calls the agents (write-ahead). An order that reaches DONE moves its VM's placement and both hosts'
 load in that same transaction. The agents' answers are kept in memory as the next observations.
 
+Placement bounds the migrations *sending* at once, and lets a few more orders prepare their
+target meanwhile (``PlacementConfig.prepare_ahead``): an order prepared while its source's sending
+slots are taken waits READY, and sends the round a slot frees.
+
 In the service each order's calls run as a task of their own (``run_once(wait=False)``): an order
 whose destination takes seconds to prepare holds back no other order, and the round after an
 answer arrives acts on it. An order whose call is still out is left alone until it answers.
@@ -65,7 +69,7 @@ from smig.rctcb.orders import (
     next_step,
     step_id,
 )
-from smig.rctcb.placement import InFlight, PlacementConfig, plan_evacuation
+from smig.rctcb.placement import InFlight, PlacementConfig, SendSlots, plan_evacuation
 from smig.rctcb.region import Region
 
 __all__ = ["Orchestrator", "OrchestratorConfig"]
@@ -196,16 +200,19 @@ class Orchestrator:
         async with self._deciding:
             now = self._clock()
             admitted: dict[str, Observation] = self._admit(now)
+            slots = SendSlots(self._in_flight(), self._placement)
             steps: list[tuple[Order, Order, tuple[Action, ...]]] = []
             for order in self.active():
                 if order.id in self._calls:
                     continue  # its last step's call has not answered yet
                 obs = admitted.get(order.id) or self._pending.pop(order.id, Tick())
-                new, actions = next_step(order, obs, now, self._config)
+                may_send = not _would_send(order, obs) or slots.take(order.source, order.target)
+                new, actions = next_step(order, obs, now, self._config, may_send=may_send)
                 if new.state in (OrderState.FENCING, OrderState.FAILED) and order.state in _RETRYABLE:
                     # Giving up on the target: ask placement for the next-best one, and decide
                     # again. (Placement runs only here, not on every poll.)
-                    new, actions = next_step(order, obs, now, self._config, alternative=self._alternative(order, now))
+                    alternative = self._alternative(order, now)
+                    new, actions = next_step(order, obs, now, self._config, alternative=alternative, may_send=may_send)
                 steps.append((order, new, actions))
             changed = [(old, new) for old, new, _ in steps if new != old]
             if changed:
@@ -259,9 +266,14 @@ class Orchestrator:
         await asyncio.gather(*calls, return_exceptions=True)
 
     async def _start_waiting(self, now: float) -> list[tuple[Order, Order, tuple[Action, ...]]]:
-        """Admit PLANNED orders into the slots free now, commit their first step; their steps."""
-        admitted = self._admit(now)
+        """Let READY orders send and admit PLANNED ones into the slots free now, commit their
+        first step; their steps."""
+        slots = SendSlots(self._in_flight(), self._placement)
         steps = []
+        for order in self.active():
+            if order.id not in self._calls and _would_send(order, Tick()) and slots.take(order.source, order.target):
+                steps.append((order, *next_step(order, Tick(), now, self._config)))
+        admitted = self._admit(now)
         for order in self.active():
             if order.state is OrderState.PLANNED and order.id in admitted:
                 new, actions = next_step(order, admitted[order.id], now, self._config)
@@ -291,7 +303,7 @@ class Orchestrator:
 
     def _in_flight(self, but: str = "") -> list[InFlight]:
         return [
-            InFlight(o.vm.name, o.source, o.target, o.vm.needs)
+            InFlight(o.vm.name, o.source, o.target, o.vm.needs, sending=o.state not in _NOT_SENDING)
             for o in self._orders.values()
             if o.state is not OrderState.PLANNED and o.id != but
         ]
@@ -424,14 +436,9 @@ class Orchestrator:
             case AbortIncoming(host, step):
                 await self._best_effort(agent(host).abort_incoming(name, step), action)
             case Confirm():
-                places: list[tuple[str, VMWhere | None]] = []
-                for host in dict.fromkeys((order.source, *order.tried)):
-                    try:
-                        places.append((host, await self._call(agent(host).where(name))))
-                    except _CALL_ERRORS as e:
-                        log.warning("%s: where on %s: %s", name, host, _why(e))
-                        places.append((host, None))
-                return Where(tuple(places))
+                hosts = list(dict.fromkeys((order.source, *order.tried)))
+                answers = await asyncio.gather(*(self._where(order, host) for host in hosts))
+                return Where(tuple(zip(hosts, answers, strict=True)))
             case Fence(host):
                 try:
                     await self._call(agent(host).fence(name))
@@ -446,6 +453,13 @@ class Orchestrator:
                     return Failed(_why(e))
         return None
 
+    async def _where(self, order: Order, host: str) -> VMWhere | None:
+        try:
+            return await self._call(self._agents.agent(host).where(order.vm.name))
+        except _CALL_ERRORS as e:
+            log.warning("%s: where on %s: %s", order.vm.name, host, _why(e))
+            return None
+
     async def _best_effort(self, coro: Awaitable[None], action: Action) -> None:
         try:
             await self._call(coro)
@@ -455,6 +469,17 @@ class Orchestrator:
 
 
 _RETRYABLE = (OrderState.PREPARING, OrderState.MIGRATING, OrderState.COMPLETING)
+# Begun but not sending yet: they count against placement's limits, not against the sending slots.
+_NOT_SENDING = (OrderState.PREPARING, OrderState.READY)
+
+
+def _would_send(order: Order, obs: Observation) -> bool:
+    """Whether ``obs`` takes ``order`` into MIGRATING if a sending slot is free (see next_step)."""
+    if order.cancel:
+        return False
+    if order.state is OrderState.PREPARING:
+        return isinstance(obs, Prepared)
+    return order.state is OrderState.READY and not isinstance(obs, Where)
 
 
 def _moves_on(answer: Observation) -> bool:

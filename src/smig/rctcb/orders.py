@@ -5,7 +5,9 @@ time, and returns the order's next version and the *actions* to take. It does no
 orchestrator persists the new order (write-ahead) and only then carries out the actions, whose
 results become the next observations. Every state change is one of :data:`TRANSITIONS`.
 
-The path of a live migration is ``PLANNED → PREPARING → MIGRATING → COMPLETING → DONE``. A target
+The path of a live migration is ``PLANNED → PREPARING → MIGRATING → COMPLETING → DONE``; an order
+prepared while its source's sending slots are taken waits in READY between PREPARING and
+MIGRATING (``next_step``'s ``may_send``; see :class:`smig.rctcb.placement.SendSlots`). A target
 that fails, or a migration that stalls past its size-based deadline, sends the order back to
 PREPARING on the next-best target while attempts remain. A source that refuses (or, attempts
 spent, still fails) is fenced and the VM restarted from its disk on the prepared target:
@@ -37,6 +39,7 @@ from smig.rctcb.agents import MigrationPhase, MigrationView, VMWhere
 class OrderState(StrEnum):
     PLANNED = "planned"  # placed, waiting for a concurrency slot
     PREPARING = "preparing"  # the target is asked for an incoming slot
+    READY = "ready"  # the target's slot is prepared; waiting for a sending slot on the source
     MIGRATING = "migrating"  # the source sends the VM live
     COMPLETING = "completing"  # the agents said done; confirming where the VM runs
     FENCING = "fencing"  # the source's VM processes are being stopped out of band
@@ -54,7 +57,8 @@ TRANSITIONS: frozenset[tuple[OrderState, OrderState]] = frozenset(
     (old, new)
     for old, news in {
         _O.PLANNED: (_O.PREPARING, _O.FAILED),
-        _O.PREPARING: (_O.MIGRATING, _O.FENCING, _O.FAILED, _O.DONE),
+        _O.PREPARING: (_O.READY, _O.MIGRATING, _O.FENCING, _O.FAILED, _O.DONE),
+        _O.READY: (_O.MIGRATING, _O.FENCING, _O.FAILED, _O.DONE),
         _O.MIGRATING: (_O.PREPARING, _O.COMPLETING, _O.FENCING, _O.RESTARTING, _O.DONE, _O.FAILED),
         _O.COMPLETING: (_O.PREPARING, _O.FENCING, _O.RESTARTING, _O.DONE),
         _O.FENCING: (_O.RESTARTING, _O.FAILED, _O.DONE),
@@ -64,8 +68,9 @@ TRANSITIONS: frozenset[tuple[OrderState, OrderState]] = frozenset(
 )
 """Every (from, to) change :func:`next_step` may make, besides staying in a state with new fields
 (a retry stays PREPARING on another target). Into DONE from the early states is the adoption of a
-copy that :class:`Where` found running on a trusted host; PREPARING → FENCING fences a source found
-running next to such a copy."""
+copy that :class:`Where` found running on a trusted host; PREPARING or READY → FENCING fences a
+source found running next to such a copy (READY also fences a source that lost the VM before
+sending it, as MIGRATING does)."""
 
 
 @dataclass(frozen=True)
@@ -275,12 +280,20 @@ Action = Prepare | StartMigration | Poll | Cancel | AbortIncoming | Confirm | Fe
 
 
 def next_step(
-    order: Order, obs: Observation, now: float, config: OrchestratorConfig, *, alternative: str | None = None
+    order: Order,
+    obs: Observation,
+    now: float,
+    config: OrchestratorConfig,
+    *,
+    alternative: str | None = None,
+    may_send: bool = True,
 ) -> tuple[Order, tuple[Action, ...]]:
     """The next version of ``order`` and what to do, given ``obs`` at ``now``.
 
     ``alternative`` is the next-best trusted target not yet tried (placement's answer), used when
-    the current target fails. An unchanged order comes back as the same object. Never raises.
+    the current target fails. ``may_send``: a sending slot is free for this order if its target
+    is prepared (a PREPARING order that is told ``Prepared``, or a READY one); without it the order
+    waits in READY. An unchanged order comes back as the same object. Never raises.
     """
     s = order.state
     if not s.active:
@@ -299,12 +312,15 @@ def next_step(
         return order, ()
     if s is OrderState.PREPARING:
         if isinstance(obs, Prepared):
-            deadline = now + completion_timeout(order.vm, config)
-            new = _go(order, now, OrderState.MIGRATING, address=obs.address, deadline=deadline)
-            return new, (StartMigration(order.source, obs.address, order.step_id),)
+            if not may_send:
+                return _go(order, now, OrderState.READY, address=obs.address), ()
+            return _send(order, obs.address, now, config)
         if isinstance(obs, Failed | Refused):
             return _retry_or_give_up(order, f"{order.target} could not prepare: {obs.reason}", now, config, alternative)
         return order, (Prepare(order.target, order.step_id),)
+    if s is OrderState.READY:
+        assert order.address is not None, "READY is reached only with a prepared slot"
+        return _send(order, order.address, now, config) if may_send else (order, ())
     if s is OrderState.MIGRATING:
         return _migrating(order, obs, now, config, alternative)
     if s is OrderState.FENCING:
@@ -318,7 +334,7 @@ def next_step(
     return order, (Confirm(),)
 
 
-CANCELLABLE = frozenset({OrderState.PLANNED, OrderState.PREPARING, OrderState.MIGRATING})
+CANCELLABLE = frozenset({OrderState.PLANNED, OrderState.PREPARING, OrderState.READY, OrderState.MIGRATING})
 """Where an operator may still stop a move. Later the source has been fenced or the VM has landed:
 going back would leave it nowhere."""
 
@@ -331,9 +347,9 @@ def _cancelling(
     cancel that cannot win (the VM left its source, or nothing answers for too long) is dropped
     and the move goes on as if never cancelled."""
     why = f"cancelled by {order.cancel}"
-    if order.state is OrderState.PLANNED or (order.state is OrderState.PREPARING and order.attempt <= 1):
+    if order.state is OrderState.PLANNED or (order.state in _NOT_SENT and order.attempt <= 1):
         # Nothing was sent yet: no copy can be anywhere but on the source.
-        abort = (AbortIncoming(order.target, order.step_id),) if order.state is OrderState.PREPARING else ()
+        abort = (AbortIncoming(order.target, order.step_id),) if order.state in _NOT_SENT else ()
         return _go(order, now, OrderState.FAILED, reason=why), abort
     give_up = replace(order, cancel="")
     if now >= order.updated_at + config.fence_timeout_s:
@@ -348,6 +364,15 @@ def _cancelling(
             return _reconcile(give_up, obs, now, config, None)  # it left its source: only moving on helps
     slots = tuple(AbortIncoming(t, step_id(order.id, n)) for n, t in enumerate(order.tried, start=1))
     return order, (Cancel(order.source, order.step_id), *slots, Confirm())
+
+
+_NOT_SENT = (OrderState.PREPARING, OrderState.READY)  # a first attempt here has sent nothing yet
+
+
+def _send(order: Order, address: str, now: float, config: OrchestratorConfig) -> tuple[Order, tuple[Action, ...]]:
+    deadline = now + completion_timeout(order.vm, config)
+    new = _go(order, now, OrderState.MIGRATING, address=address, deadline=deadline)
+    return new, (StartMigration(order.source, address, order.step_id),)
 
 
 def _go(order: Order, now: float, state: OrderState, **changes: object) -> Order:
@@ -448,6 +473,8 @@ def _reconcile(
         return new, (StartFromDisk(order.target, order.step_id),)
     if s is OrderState.RESTARTING:
         return _go(order, now, OrderState.FENCING, deadline=now + config.fence_timeout_s), (Fence(order.source),)
+    if s is OrderState.READY:
+        return order, ()  # the source still holds the VM (or did not answer): it waits for its slot
     if s is OrderState.COMPLETING:
         why = f"{order.target} does not run the VM after the migration said it completed"
         return _retry_or_give_up(order, why, now, config, alternative)

@@ -4,13 +4,18 @@ Pure functions over plain data with the time passed in, so the RC-TCB service, t
 and the tests run the same decisions. :func:`plan_evacuation` turns the evacuees, the region's
 IVT rows, every VM of the region and the migrations already running into a :class:`Plan`:
 
-- ``start``: moves to begin now;
+- ``start``: moves to begin now (their target is prepared at once);
 - ``waiting``: moves whose target is reserved, held back by a concurrency limit (the
   orchestrator re-plans once running migrations finish);
 - ``no_capacity``: VMs with nowhere trusted to go, each with the reason, to be raised as an event.
 
 A target is only ever a host whose row is TRUSTED and verified within the freshness window
 (:func:`eligible`), never the VM's own source.
+
+The concurrency limits bound the migrations *sending* at once (:class:`SendSlots`). A move may
+begin, and have its target prepare an incoming slot, ``prepare_ahead`` places past each limit: a
+destination takes seconds to boot its QEMU, and a slot prepared while earlier migrations still
+run lets the next one send the moment a sending slot frees.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "NoCapacity",
     "PlacementConfig",
     "Plan",
+    "SendSlots",
     "eligible",
     "plan_evacuation",
 ]
@@ -44,7 +50,9 @@ class PlacementConfig:
     ``max_outbound_per_host``: migrations leaving one source at once (KubeVirt's
     ``parallelOutboundMigrationsPerNode``). ``max_per_region``: migrations running at once in the
     region (KubeVirt's ``parallelMigrationsPerCluster``). ``max_inbound_per_host``: migrations
-    arriving at one target at once.
+    arriving at one target at once. ``prepare_ahead``: how many moves past each of those limits
+    may begin anyway, preparing their target while they wait to send (0: a move begins only when it
+    may send).
 
     Raises :class:`~smig.errors.ConfigError` if a value cannot be used.
     """
@@ -53,6 +61,7 @@ class PlacementConfig:
     max_outbound_per_host: int = 2
     max_per_region: int = 5
     max_inbound_per_host: int = 2
+    prepare_ahead: int = 2
 
     def __post_init__(self) -> None:
         fresh = self.freshness_s
@@ -69,16 +78,24 @@ class PlacementConfig:
                     f"placement {name} must be a whole number of at least 1, got {value!r}; "
                     "it bounds how many migrations run at once"
                 )
+        ahead = self.prepare_ahead
+        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 0:
+            raise ConfigError(
+                f"placement prepare_ahead must be a whole number of at least 0, got {ahead!r}; "
+                "it is how many moves may prepare their target while waiting to send"
+            )
 
 
 @dataclass(frozen=True)
 class InFlight:
-    """A migration already running: ``needs`` is reserved on ``target`` and it counts against the limits."""
+    """A migration already begun: ``needs`` is reserved on ``target`` and it counts against the
+    limits. ``sending``: past preparing its target (the source sends, or the VM is being settled)."""
 
     vm: str
     source: str
     target: str
     needs: Resources
+    sending: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,7 +155,8 @@ def plan_evacuation(
     Evacuees are placed by ``(-priority, name)``, each on the fitting, anti-affinity-respecting
     eligible host left with the largest free memory fraction (then vCPU fraction, then lowest
     host id). A placed move starts unless the source's outbound, the target's inbound or the
-    region's running count is at its limit; then it waits with its target reserved. The result
+    region's count of begun moves is at its limit plus ``prepare_ahead``; then it waits with its
+    target reserved. The result
     depends only on the inputs' contents, not on their order. Raises nothing.
     """
     ledger = _Ledger(hosts, placed, in_flight, now, config)
@@ -262,15 +280,45 @@ class _Ledger:
         return f"anti-affinity group {vm.anti_affinity!r} excludes every trusted host with room"
 
     def reserve(self, move: Move) -> bool:
-        """Count ``move`` as running and return True, or return False if a limit holds it back."""
+        """Count ``move`` as begun and return True, or return False if a limit holds it back."""
         cfg = self._config
+        ahead = cfg.prepare_ahead
         if (
-            self._outbound[move.source] >= cfg.max_outbound_per_host
-            or self._inbound[move.target] >= cfg.max_inbound_per_host
-            or self._running >= cfg.max_per_region
+            self._outbound[move.source] >= cfg.max_outbound_per_host + ahead
+            or self._inbound[move.target] >= cfg.max_inbound_per_host + ahead
+            or self._running >= cfg.max_per_region + ahead
         ):
             return False
         self._outbound[move.source] += 1
         self._inbound[move.target] += 1
+        self._running += 1
+        return True
+
+
+class SendSlots:
+    """Who may start sending now: the concurrency limits over the migrations sending already.
+
+    Built from the moves in flight; :meth:`take` grants a slot (and counts it) or refuses. Local to
+    one round of the orchestrator, like the ledger of one plan.
+    """
+
+    def __init__(self, in_flight: Sequence[InFlight], config: PlacementConfig) -> None:
+        sending = [m for m in in_flight if m.sending]
+        self._config = config
+        self._outbound = Counter(m.source for m in sending)
+        self._inbound = Counter(m.target for m in sending)
+        self._running = len(sending)
+
+    def take(self, source: str, target: str) -> bool:
+        """Grant ``source`` → ``target`` a sending slot and return True, or False if a limit is reached."""
+        cfg = self._config
+        if (
+            self._outbound[source] >= cfg.max_outbound_per_host
+            or self._inbound[target] >= cfg.max_inbound_per_host
+            or self._running >= cfg.max_per_region
+        ):
+            return False
+        self._outbound[source] += 1
+        self._inbound[target] += 1
         self._running += 1
         return True

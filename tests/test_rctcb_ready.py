@@ -1,0 +1,110 @@
+"""READY: an order whose target is prepared while its source's sending slots are taken.
+
+The pure rules first (``next_step`` with ``may_send``), then an evacuation over the in-memory
+agents that prepares ahead and is crashed and resumed while orders wait READY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from smig.ivt.sqlite import SQLiteStore
+from smig.model import PlacedVM, Resources
+from smig.rctcb.agents import VMWhere
+from smig.rctcb.fake_agents import FakeRegionAgents
+from smig.rctcb.orders import (
+    AbortIncoming,
+    Fence,
+    OrchestratorConfig,
+    Order,
+    OrderState,
+    Prepared,
+    StartMigration,
+    Tick,
+    Where,
+    completion_timeout,
+    next_step,
+)
+from tests.test_rctcb_orchestrator import BAD, PLACEMENT, Clock, assert_evacuated, build_region, orchestrator, vm
+
+CONFIG = OrchestratorConfig()
+
+
+def _preparing(**changes: object) -> Order:
+    order = Order("o", PlacedVM("web", BAD, Resources(1, 1024)), BAD, "t1", OrderState.PREPARING, 1, ("t1",),
+                  100.0, 100.0)  # fmt: skip
+    return dataclasses.replace(order, **changes)  # type: ignore[arg-type]
+
+
+def test_a_prepared_order_without_a_sending_slot_waits_ready_and_sends_when_given_one() -> None:
+    ready, actions = next_step(_preparing(), Prepared("tcp:t1:4444"), 101.0, CONFIG, may_send=False)
+    assert (ready.state, ready.address, actions) == (OrderState.READY, "tcp:t1:4444", ())
+    same, actions = next_step(ready, Tick(), 102.0, CONFIG, may_send=False)
+    assert same is ready and actions == (), "no slot: nothing is sent, and nothing else is asked"
+    sending, actions = next_step(ready, Tick(), 103.0, CONFIG, may_send=True)
+    assert sending.state is OrderState.MIGRATING and actions == (StartMigration(BAD, "tcp:t1:4444", "o.1"),)
+    assert sending.deadline == 103.0 + completion_timeout(ready.vm, CONFIG), "the deadline runs from the send"
+
+
+def test_a_prepared_order_with_a_slot_sends_at_once() -> None:
+    sending, actions = next_step(_preparing(), Prepared("tcp:t1:4444"), 101.0, CONFIG)
+    assert sending.state is OrderState.MIGRATING and actions == (StartMigration(BAD, "tcp:t1:4444", "o.1"),)
+
+
+def test_a_ready_order_is_cancelled_at_once_and_its_slot_dropped() -> None:
+    ready = _preparing(state=OrderState.READY, address="tcp:t1:4444", cancel="alice")
+    failed, actions = next_step(ready, Tick(), 101.0, CONFIG, may_send=True)
+    assert failed.state is OrderState.FAILED and failed.reason == "cancelled by alice"
+    assert actions == (AbortIncoming("t1", "o.1"),), "nothing was sent: only the prepared slot goes"
+
+
+def test_a_ready_order_follows_where_like_a_migrating_one() -> None:
+    ready = _preparing(state=OrderState.READY, address="tcp:t1:4444")
+    W = VMWhere
+    same, actions = next_step(ready, Where(((BAD, W.RUNNING), ("t1", W.INCOMING))), 101.0, CONFIG)
+    assert same is ready and actions == (), "still on its source: it waits for its slot"
+    # The VM vanished from its source before it was sent: fenced (the source's word is no proof)
+    # before the prepared slot may take a cold restart.
+    fencing, actions = next_step(ready, Where(((BAD, W.ABSENT), ("t1", W.INCOMING))), 101.0, CONFIG)
+    assert fencing.state is OrderState.FENCING and Fence(BAD) in actions
+
+
+def test_an_evacuation_that_prepares_ahead_survives_a_restart_with_orders_ready(tmp_path: Path) -> None:
+    # Five VMs, two sending at once and two prepared ahead: after the first round two are READY.
+    # The RC-TCB then stops (its orders persisted) and a new one resumes them from the store.
+    db = tmp_path / "ivt.sqlite"
+    vms = [vm(f"v{i}") for i in range(5)]
+    fake = FakeRegionAgents(polls_to_complete=3)
+    build_region(db, vms, fake)
+    placement = dataclasses.replace(PLACEMENT, prepare_ahead=2)
+
+    async def go() -> list[OrderState]:
+        with SQLiteStore(db) as store:
+            orch = orchestrator(store, fake, Clock(), placement)
+            await orch.evacuate(BAD, "mismatch confirmed by t1, t2")
+            await orch.run_once()  # targets prepared: four (two ahead)
+            await orch.run_once()  # two send; two wait READY
+            states = sorted(o.state for o in orch.orders())
+        with SQLiteStore(db) as store:
+            again = orchestrator(store, fake, Clock(), placement)
+            await again.resume()
+            await again.run_until_idle(600)
+        return states
+
+    states = asyncio.run(go())
+    assert states.count(OrderState.READY) == 2 and states.count(OrderState.MIGRATING) == 2, states
+    with SQLiteStore(db) as store:
+        assert_evacuated(store, fake, vms)
+        assert all(o.state is OrderState.DONE for o in orchestrator(store, fake, Clock()).orders())
+    assert fake.peak_sending[BAD] == 2
+    # Every VM went on its first attempt into the slot prepared for it (a resumed step is repeated,
+    # idempotently, under the same id): no retry, no second target.
+    for v in vms:
+        assert {c[3] for c in fake.calls if c[1] == "migrate" and c[2] == v.name} == {f"{_order_of(fake, v.name)}.1"}
+        assert len({c[0] for c in fake.calls if c[1] == "prepare_incoming" and c[2] == v.name}) == 1
+
+
+def _order_of(fake: FakeRegionAgents, name: str) -> str:
+    return str(fake.migrations[f"{BAD}/{name}"]["order"]).rsplit(".", 1)[0]
