@@ -383,9 +383,9 @@ class CrashingAgent:
         await self.inner.migrate(vm, target_address, order_id)
         self.c.tick()
 
-    async def progress(self, vm: str, order_id: str) -> MigrationView:
+    async def progress(self, vm: str, order_id: str, wait_s: float = 0.0) -> MigrationView:
         self.c.tick()
-        out = await self.inner.progress(vm, order_id)
+        out = await self.inner.progress(vm, order_id, wait_s)
         self.c.tick()
         return out
 

@@ -11,23 +11,36 @@ import dataclasses
 from pathlib import Path
 
 from smig.ivt.sqlite import SQLiteStore
-from smig.model import PlacedVM, Resources
+from smig.model import PlacedVM, Resources, TrustState
 from smig.rctcb.agents import VMWhere
 from smig.rctcb.fake_agents import FakeRegionAgents
+from smig.rctcb.orchestrator import Orchestrator
 from smig.rctcb.orders import (
     AbortIncoming,
     Fence,
     OrchestratorConfig,
     Order,
     OrderState,
+    Prepare,
     Prepared,
     StartMigration,
+    TargetLost,
     Tick,
     Where,
     completion_timeout,
     next_step,
 )
-from tests.test_rctcb_orchestrator import BAD, PLACEMENT, Clock, assert_evacuated, build_region, orchestrator, vm
+from smig.rctcb.region import Region
+from tests.test_rctcb_orchestrator import (
+    BAD,
+    PLACEMENT,
+    Clock,
+    assert_evacuated,
+    build_region,
+    orchestrator,
+    vm,
+)
+from tests.test_rctcb_orchestrator import CONFIG as ORCHESTRATION
 
 CONFIG = OrchestratorConfig()
 
@@ -108,3 +121,49 @@ def test_an_evacuation_that_prepares_ahead_survives_a_restart_with_orders_ready(
 
 def _order_of(fake: FakeRegionAgents, name: str) -> str:
     return str(fake.migrations[f"{BAD}/{name}"]["order"]).rsplit(".", 1)[0]
+
+
+def test_a_ready_order_whose_target_lost_trust_goes_elsewhere_or_stays_home() -> None:
+    # A slot prepared ahead may wait seconds; its target can turn SUSPECT or UNTRUSTED meanwhile.
+    # Nothing is sent there: the order prepares the next-best target, or, with none, gives up
+    # with the VM still on its source (never a fence: the source still runs it).
+    ready = _preparing(state=OrderState.READY, address="tcp:t1:4444")
+    lost = TargetLost("t1 is suspect")
+    elsewhere, actions = next_step(ready, lost, 101.0, CONFIG, alternative="t2")
+    assert (elsewhere.state, elsewhere.target, elsewhere.tried, elsewhere.address) == (
+        OrderState.PREPARING, "t2", ("t1", "t2"), None,
+    )  # fmt: skip
+    assert AbortIncoming("t1", "o.1") in actions and Prepare("t2", "o.2") in actions
+    home, actions = next_step(ready, lost, 101.0, CONFIG)
+    assert home.state is OrderState.FAILED and "t1 is suspect" in home.reason
+    assert actions == (AbortIncoming("t1", "o.1"),)
+    # A slot just prepared on a target that lost trust meanwhile is dropped the same way.
+    preparing, actions = next_step(_preparing(), lost, 101.0, CONFIG, alternative="t2")
+    assert preparing.state is OrderState.PREPARING and preparing.target == "t2"
+
+
+def test_the_orchestrator_sends_nothing_to_a_target_that_lost_trust_while_ready(tmp_path: Path) -> None:
+    db = tmp_path / "ivt.sqlite"
+    vms = [vm(f"v{i}") for i in range(3)]
+    fake = FakeRegionAgents(polls_to_complete=4)
+    build_region(db, vms, fake)
+    placement = dataclasses.replace(PLACEMENT, prepare_ahead=1)
+
+    async def go() -> None:
+        with SQLiteStore(db) as store:
+            region = Region(store)
+            orch = Orchestrator(region, fake, placement=placement, config=ORCHESTRATION, clock=Clock())
+            await orch.evacuate(BAD, "mismatch confirmed by t1, t2")
+            await orch.run_once()
+            await orch.run_once()
+            (ready,) = [o for o in orch.orders() if o.state is OrderState.READY]
+            with region.writing() as (_, current, rows):
+                rows[ready.target] = dataclasses.replace(current[ready.target], state=TrustState.SUSPECT)
+            await orch.run_until_idle(600)
+            final = {o.vm.name: o for o in orch.orders()}[ready.vm.name]
+            assert final.state is OrderState.DONE and final.target != ready.target, final
+            assert final.tried[0] == ready.target
+            sent_to_lost = [c for c in fake.calls if c[1] == "migrate" and c[3] == ready.step_id]
+            assert not sent_to_lost, "the VM was sent to a target that had lost trust"
+
+    asyncio.run(go())

@@ -87,6 +87,8 @@ __all__ = ["JOURNAL", "TRANSITIONS", "OrderExecutor", "Side", "Stage", "migratio
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+MAX_PROGRESS_WAIT_S = 10.0  # the longest a `progress` call may wait for its migration to end
+
 # -- the address a target hands out -----------------------------------------------------------
 
 _TCP_URI = re.compile(r"^tcp:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
@@ -184,6 +186,7 @@ class OrderExecutor:
         bandwidth_mibps: float | None = None,
         downtime_ms: int | None = None,
         poll_interval_s: float = 0.2,
+        progress_poll_s: float = 0.02,
         settle_wait_s: float = 0.3,
         abort_grace_s: float = 1.0,
         retention_s: float = 7 * 86400.0,
@@ -209,6 +212,7 @@ class OrderExecutor:
             tls=bool(tls),
         )
         self._poll_s = poll_interval_s
+        self._progress_poll_s = progress_poll_s
         self._settle_wait_s = settle_wait_s
         self._abort_grace_s = abort_grace_s
         self._journal = Journal(state_dir, retention_s, clock)
@@ -339,8 +343,20 @@ class OrderExecutor:
             log.info("%s: migrating to %s (order %s)", vm_name, destination.uri, order_id)
             self._follow(order)
 
-    async def progress(self, vm_name: str, order_id: str) -> MigrationView:
-        """Where the outgoing migration of ``order_id`` stands (``none``: never given here)."""
+    async def progress(self, vm_name: str, order_id: str, wait_s: float = 0.0) -> MigrationView:
+        """Where the outgoing migration of ``order_id`` stands (``none``: never given here). With
+        ``wait_s``, QEMU is asked every ``progress_poll_s`` until the migration is no longer
+        active or ``wait_s`` has passed: the RC-TCB sees the end when it comes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait_s, MAX_PROGRESS_WAIT_S)
+        while True:
+            view = await self._progress_now(vm_name, order_id)
+            if view.status is not MigrationPhase.ACTIVE or loop.time() >= deadline:
+                return view
+            # The lock is not held meanwhile: a cancel or `where` for this VM goes in between.
+            await asyncio.sleep(min(self._progress_poll_s, max(0.0, deadline - loop.time())))
+
+    async def _progress_now(self, vm_name: str, order_id: str) -> MigrationView:
         self._ensure_started()
         async with self._lock(vm_name):
             order = self._journal.orders.get(order_id)

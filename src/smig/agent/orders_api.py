@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from smig.agent.executor import OrderExecutor
+from smig.agent.executor import MAX_PROGRESS_WAIT_S, OrderExecutor
 from smig.errors import CertificateRejected, SmigError
 from smig.model import PlacedVM, Resources
 from smig.rctcb.agent_http import wire_error
@@ -192,8 +192,14 @@ def create_orders_app(executor: OrderExecutor, *, ca_cert: x509.Certificate) -> 
         return OrderOut(order_id=order_id)
 
     @app.get("/v1/orders/{order_id}/migration")
-    async def progress(order_id: OrderId, vm: Annotated[str, Query(pattern=NAME)]) -> ProgressOut:
-        view = await executor.progress(vm, order_id)
+    async def progress(
+        order_id: OrderId,
+        vm: Annotated[str, Query(pattern=NAME)],
+        wait: Annotated[float, Query(ge=0, le=MAX_PROGRESS_WAIT_S)] = 0.0,
+    ) -> ProgressOut:
+        """Where the migration stands; with ``wait``, answered once it is no longer active, or
+        after that many seconds."""
+        view = await executor.progress(vm, order_id, wait_s=wait)
         return ProgressOut(
             status=view.status.value,
             transferred_bytes=view.transferred_bytes,

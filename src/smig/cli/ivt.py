@@ -247,10 +247,10 @@ def migrations(
 ) -> None:
     """Show the RC-TCB's migration orders: each VM being moved off an untrusted host, where to, and how far.
 
-    An order goes planned → preparing (the target readies a slot) → [ready (the slot waits for
-    one of the source's sending slots)] → migrating → completing → done; a source that refuses or stalls is fenced and the VM restarted on the target from its
-    disk (fencing → restarting → done); failed means no trusted host could take the VM, which
-    keeps running where it was.
+    An order goes planned → preparing (the target readies a slot) → ready (only while the
+    source's sending slots are taken) → migrating → completing → done; a source that refuses or
+    stalls is fenced and the VM restarted on the target from its disk (fencing → restarting →
+    done); failed means no trusted host could take the VM, which keeps running where it was.
     """
     # Imported here: the order format is the orchestrator's, and `smig ivt` does not need it.
     from smig.rctcb.orders import Order

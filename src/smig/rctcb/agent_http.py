@@ -189,8 +189,11 @@ class HttpAgentClient:
         payload = {"vm": vm, "target_address": target_address}
         await self._request("PUT", f"{self._order(order_id)}/migration", vm, json=payload)
 
-    async def progress(self, vm: str, order_id: str) -> MigrationView:
-        body = await self._request("GET", f"{self._order(order_id)}/migration", vm, params={"vm": vm})
+    async def progress(self, vm: str, order_id: str, wait_s: float = 0.0) -> MigrationView:
+        params: dict[str, str | float] = {"vm": vm}
+        if wait_s > 0:
+            params["wait"] = wait_s
+        body = await self._request("GET", f"{self._order(order_id)}/migration", vm, params=params)
         try:
             error = body.get("error")
             return MigrationView(

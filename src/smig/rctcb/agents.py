@@ -8,7 +8,7 @@ call                    runs on      notes
 ======================  ===========  ====================================================
 ``prepare_incoming``    target       returns the address the source sends to
 ``migrate``             source       starts the live migration, returns at once
-``progress``            source       where that migration stands
+``progress``            source       where that migration stands; may wait for it to end
 ``cancel``              source       the VM keeps running on the source
 ``abort_incoming``      target       rollback of ``prepare_incoming``; never stops a running VM
 ``where``               any          what this host holds of the VM: the ground truth after a crash
@@ -80,8 +80,10 @@ class AgentClient(Protocol):
         """Start sending ``vm`` to ``target_address``; returns once started."""
         ...
 
-    async def progress(self, vm: str, order_id: str) -> MigrationView:
-        """Where the outgoing migration of ``order_id`` stands."""
+    async def progress(self, vm: str, order_id: str, wait_s: float = 0.0) -> MigrationView:
+        """Where the outgoing migration of ``order_id`` stands. ``wait_s``: answer as soon as it is
+        no longer active, but wait at most that long (a long poll: the end is seen when it comes,
+        not at the caller's next poll)."""
         ...
 
     async def cancel(self, vm: str, order_id: str) -> None:

@@ -250,7 +250,8 @@ class _FakeAgent:
     async def migrate(self, vm: str, target_address: str, order_id: str) -> None:
         self._r.migrate(self.host, vm, target_address, order_id)
 
-    async def progress(self, vm: str, order_id: str) -> MigrationView:
+    async def progress(self, vm: str, order_id: str, wait_s: float = 0.0) -> MigrationView:
+        # A fake migration moves on per poll, not with time: there is nothing to wait for.
         return self._r.progress(self.host, vm, order_id)
 
     async def cancel(self, vm: str, order_id: str) -> None:

@@ -40,7 +40,7 @@ from smig.errors import (
     TLSError,
 )
 from smig.ivt.base import StoredOrder, Transaction
-from smig.model import HostRecord, PlacedVM, Resources
+from smig.model import HostRecord, PlacedVM, Resources, TrustState
 from smig.rctcb.agents import AgentDirectory, MigrationPhase, VMWhere
 from smig.rctcb.orders import (
     CANCELLABLE,
@@ -64,6 +64,7 @@ from smig.rctcb.orders import (
     Restarted,
     StartFromDisk,
     StartMigration,
+    TargetLost,
     Tick,
     Where,
     next_step,
@@ -206,6 +207,8 @@ class Orchestrator:
                 if order.id in self._calls:
                     continue  # its last step's call has not answered yet
                 obs = admitted.get(order.id) or self._pending.pop(order.id, Tick())
+                if _would_send(order, obs) and (lost := self._target_lost(order)):
+                    obs = TargetLost(lost)
                 may_send = not _would_send(order, obs) or slots.take(order.source, order.target)
                 new, actions = next_step(order, obs, now, self._config, may_send=may_send)
                 if new.state in (OrderState.FENCING, OrderState.FAILED) and order.state in _RETRYABLE:
@@ -271,7 +274,12 @@ class Orchestrator:
         slots = SendSlots(self._in_flight(), self._placement)
         steps = []
         for order in self.active():
-            if order.id not in self._calls and _would_send(order, Tick()) and slots.take(order.source, order.target):
+            if (
+                order.id not in self._calls
+                and _would_send(order, Tick())
+                and not self._target_lost(order)
+                and slots.take(order.source, order.target)
+            ):
                 steps.append((order, *next_step(order, Tick(), now, self._config)))
         admitted = self._admit(now)
         for order in self.active():
@@ -320,6 +328,17 @@ class Orchestrator:
         out: dict[str, Observation] = {planned[m.vm.name].id: Admitted(m.target) for m in plan.start}
         out.update({planned[n.vm.name].id: Failed(n.reason) for n in plan.no_capacity})
         return out
+
+    def _target_lost(self, order: Order) -> str:
+        """Why ``order``'s target may no longer receive its VM, or "". Checked before every send: a
+        slot prepared ahead may wait seconds, and its host can turn SUSPECT or worse meanwhile. (A
+        target merely stale is still sent to: its state, not a late report, is what distrusts it.)"""
+        row = self._region.rows().get(order.target)
+        if row is None:
+            return f"{order.target} left the region before {order.vm.name} was sent there"
+        if row.state is not TrustState.TRUSTED:
+            return f"{order.target} turned {row.state.value} before {order.vm.name} was sent there"
+        return ""
 
     def _alternative(self, order: Order, now: float) -> str | None:
         """The next-best trusted target for ``order`` among the hosts it has not tried."""
@@ -428,7 +447,7 @@ class Orchestrator:
                 return await self._do(order, Poll(source, step))
             case Poll(source, step):
                 try:
-                    return Progress(await self._call(agent(source).progress(name, step)))
+                    return Progress(await self._call(agent(source).progress(name, step, self._config.progress_wait_s)))
                 except _CALL_ERRORS as e:
                     return Failed(_why(e))
             case Cancel(source, step):
@@ -468,7 +487,7 @@ class Orchestrator:
             log.warning("%s failed: %s", action, _why(e))
 
 
-_RETRYABLE = (OrderState.PREPARING, OrderState.MIGRATING, OrderState.COMPLETING)
+_RETRYABLE = (OrderState.PREPARING, OrderState.READY, OrderState.MIGRATING, OrderState.COMPLETING)
 # Begun but not sending yet: they count against placement's limits, not against the sending slots.
 _NOT_SENDING = (OrderState.PREPARING, OrderState.READY)
 

@@ -58,7 +58,7 @@ TRANSITIONS: frozenset[tuple[OrderState, OrderState]] = frozenset(
     for old, news in {
         _O.PLANNED: (_O.PREPARING, _O.FAILED),
         _O.PREPARING: (_O.READY, _O.MIGRATING, _O.FENCING, _O.FAILED, _O.DONE),
-        _O.READY: (_O.MIGRATING, _O.FENCING, _O.FAILED, _O.DONE),
+        _O.READY: (_O.PREPARING, _O.MIGRATING, _O.FENCING, _O.FAILED, _O.DONE),
         _O.MIGRATING: (_O.PREPARING, _O.COMPLETING, _O.FENCING, _O.RESTARTING, _O.DONE, _O.FAILED),
         _O.COMPLETING: (_O.PREPARING, _O.FENCING, _O.RESTARTING, _O.DONE),
         _O.FENCING: (_O.RESTARTING, _O.FAILED, _O.DONE),
@@ -70,7 +70,7 @@ TRANSITIONS: frozenset[tuple[OrderState, OrderState]] = frozenset(
 (a retry stays PREPARING on another target). Into DONE from the early states is the adoption of a
 copy that :class:`Where` found running on a trusted host; PREPARING or READY → FENCING fences a
 source found running next to such a copy (READY also fences a source that lost the VM before
-sending it, as MIGRATING does)."""
+sending it, as MIGRATING does). READY → PREPARING: its target lost trust before the send."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class OrchestratorConfig:
     fence_timeout_s: float = 60.0  # fencing failing this long: give up, the VM stays on its source
     call_timeout_s: float = 30.0  # one agent call
     poll_interval_s: float = 0.5  # between rounds of :meth:`Orchestrator.run_until_idle`
+    # A progress call waits this long for its migration to end (a long poll), so a completed
+    # migration is seen when it completes rather than at the next round.
+    progress_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("completion_timeout_per_gib_s", "completion_timeout_floor_s", "fence_timeout_s", "call_timeout_s"):
@@ -94,6 +97,14 @@ class OrchestratorConfig:
         if not (isinstance(self.poll_interval_s, int | float) and 0 <= self.poll_interval_s < math.inf):
             raise ConfigError(
                 f"orchestrator poll_interval_s must be zero or more seconds, got {self.poll_interval_s!r}"
+            )
+        wait = self.progress_wait_s
+        if not (isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 10):
+            raise ConfigError(f"orchestrator progress_wait_s must be 0-10 seconds, got {wait!r}")
+        if wait >= self.call_timeout_s:
+            raise ConfigError(
+                f"orchestrator progress_wait_s ({wait:g}) must be shorter than call_timeout_s "
+                f"({self.call_timeout_s:g}), or every progress call would time out"
             )
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ConfigError(
@@ -195,6 +206,13 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class TargetLost:
+    """The order's target is no longer a host to send to (it left TRUSTED), seen before the send."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Fenced:
     pass
 
@@ -214,7 +232,7 @@ class Where:
         return dict(self.places).get(host)
 
 
-Observation = Tick | Admitted | Prepared | Progress | Refused | Failed | Fenced | Restarted | Where
+Observation = Tick | Admitted | Prepared | TargetLost | Progress | Refused | Failed | Fenced | Restarted | Where
 
 
 # -- actions: what the orchestrator must do next ------------------------------------------------
@@ -311,6 +329,8 @@ def next_step(
             return _go(order, now, OrderState.FAILED, reason=f"no trusted capacity: {obs.reason}"), ()
         return order, ()
     if s is OrderState.PREPARING:
+        if isinstance(obs, TargetLost):
+            return _target_lost(order, obs.reason, now, config, alternative)
         if isinstance(obs, Prepared):
             if not may_send:
                 return _go(order, now, OrderState.READY, address=obs.address), ()
@@ -320,6 +340,8 @@ def next_step(
         return order, (Prepare(order.target, order.step_id),)
     if s is OrderState.READY:
         assert order.address is not None, "READY is reached only with a prepared slot"
+        if isinstance(obs, TargetLost):
+            return _target_lost(order, obs.reason, now, config, alternative)
         return _send(order, order.address, now, config) if may_send else (order, ())
     if s is OrderState.MIGRATING:
         return _migrating(order, obs, now, config, alternative)
@@ -417,6 +439,17 @@ def _retry_or_give_up(
         return _fence(order, why, now, config)
     # Nothing was fenced and no slot is ready: the VM keeps running where it is.
     return _go(order, now, OrderState.FAILED, reason=f"no trusted capacity: {why}"), old
+
+
+def _target_lost(
+    order: Order, why: str, now: float, config: OrchestratorConfig, alternative: str | None
+) -> tuple[Order, tuple[Action, ...]]:
+    """Nothing was sent to this attempt's target, and nothing may be: prepare the next-best one, or
+    give up with the VM still on its source (a fence is no answer: the source still runs it)."""
+    retried = _retry_or_give_up(replace(order, address=None), why, now, config, alternative)
+    if retried[0].state is OrderState.FAILED:
+        return retried[0], (AbortIncoming(order.target, order.step_id),)
+    return retried
 
 
 def _fence(order: Order, why: str, now: float, config: OrchestratorConfig) -> tuple[Order, tuple[Action, ...]]:

@@ -167,6 +167,7 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
         max_attempts=int(number(agents, "max_attempts", 3)),
         fence_timeout_s=number(agents, "fence_timeout_s", 60.0),
         call_timeout_s=number(agents, "call_timeout_s", 30.0),
+        progress_wait_s=number(agents, "progress_wait_s", 1.0),
     )
     return ServiceConfig(
         host=host,
