@@ -313,7 +313,7 @@ def test_migration_tls_dir_lays_out_the_agent_identity_and_refuses_what_qemu_wou
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes == {
         "ca-cert.pem": 0o644, "server-cert.pem": 0o644, "client-cert.pem": 0o644,
-        "server-key.pem": 0o600, "client-key.pem": 0o600,
+        "server-key.pem": 0o600, "client-key.pem": 0o600, "dh-params.pem": 0o644,
     }  # fmt: skip
     assert (out / "server-cert.pem").read_bytes() == agent.cert.read_bytes()
 

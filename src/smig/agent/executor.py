@@ -186,7 +186,7 @@ class OrderExecutor:
         bandwidth_mibps: float | None = None,
         downtime_ms: int | None = None,
         poll_interval_s: float = 0.2,
-        progress_poll_s: float = 0.02,
+        progress_poll_s: float = 0.05,
         settle_wait_s: float = 0.3,
         abort_grace_s: float = 1.0,
         retention_s: float = 7 * 86400.0,

@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from smig.errors import ConfigError
 from smig.model import TLSConfig
-from smig.pki import tls_config_for
+from smig.pki import tls_config_for, write_dh_params
 
 __all__ = ["migration_tls_dir"]
 
@@ -22,8 +22,9 @@ __all__ = ["migration_tls_dir"]
 def migration_tls_dir(cert: Path, key: Path, ca: Path, out: Path, hostname: str) -> TLSConfig:
     """Lay out this agent's region-CA identity the way QEMU's ``tls-creds-x509`` reads it.
 
-    ``out`` gets ``ca-cert.pem`` and the identity twice, as ``server-*`` (receiving) and
-    ``client-*`` (sending); keys 0600, the directory 0700. ``hostname`` is the name (or IP
+    ``out`` gets ``ca-cert.pem``, the identity twice, as ``server-*`` (receiving) and
+    ``client-*`` (sending), and ``dh-params.pem`` (:func:`smig.pki.write_dh_params`); keys 0600,
+    the directory 0700. ``hostname`` is the name (or IP
     address) the source checks in this host's certificate: it must be one of the certificate's
     subject alternative names. An agent certificate from :func:`smig.rctcb.ca.issue_identity`
     (P-256, TLS server and client) works as it is with QEMU 7.2 and GnuTLS.
@@ -68,6 +69,7 @@ def migration_tls_dir(cert: Path, key: Path, ca: Path, out: Path, hostname: str)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(out / name, mode)
+        write_dh_params(out)
     except OSError as e:
         raise ConfigError(f"cannot write the migration TLS directory {out}: {e.strerror or e}") from e
     return tls_config_for(out, hostname)
