@@ -22,7 +22,6 @@ import binascii
 import json
 import logging
 import math
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,16 @@ log = logging.getLogger(__name__)
 # Domain separation: what a monitor's key signs is this prefix followed by the payload.
 SIGNING_CONTEXT = b"smig-aim-report-v1\x00"
 
-_HEX = re.compile(r"^(?:[0-9a-f]{2})+$")
+_HEX_DIGITS = "0123456789abcdef"
+
+
+def _is_hex(text: str) -> bool:
+    """Lowercase hex of whole bytes. (Stripping the digits leaves nothing only if there is
+    nothing else: cheaper than a regex over hundreds of digests, and no `$` that lets a trailing
+    newline through.)"""
+    return len(text) % 2 == 0 and bool(text) and not text.strip(_HEX_DIGITS)
+
+
 _REPORT_KEYS = frozenset(
     {
         "subject",
@@ -135,7 +143,7 @@ def _seconds(value: object, what: str) -> float:
 
 def _hex(value: object, what: str) -> str:
     text = _str(value, what)
-    if not _HEX.match(text):
+    if not _is_hex(text):
         raise _malformed(f"{what} must be lowercase hex of whole bytes, got {text[:80]!r}")
     return text
 
@@ -153,6 +161,13 @@ def _from_obj(obj: object) -> Report:
         raise _malformed("targets and mismatches must be JSON arrays")
     targets = []
     for i, raw in enumerate(targets_in):
+        # A report holds hundreds of targets: the well-formed ones take this short path, and the
+        # checks below (the same rules) run only to name what is wrong with one that is not.
+        if type(raw) is dict and raw.keys() == _TARGET_KEYS:
+            name, digest = raw["target"], raw["digest"]
+            if type(name) is str and name and type(digest) is str and _is_hex(digest):
+                targets.append(TargetDigest(name, digest))
+                continue
         t = _object(raw, _TARGET_KEYS, f"targets[{i}]")
         targets.append(
             TargetDigest(_str(t["target"], f"targets[{i}].target"), _hex(t["digest"], f"targets[{i}].digest"))
