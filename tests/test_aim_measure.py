@@ -347,3 +347,28 @@ def test_smig_monitor_prints_signed_reports_that_verify(home: Path, cli_env: dic
         last[("h2", "h1")] = report.sequence
         assert report.verdict is Verdict.MATCH and line["report"]["sequence"] == report.sequence
     assert len(lines) == 2
+
+
+def test_a_file_edited_in_place_with_its_mtime_put_back_is_still_caught(tmp_path: Path) -> None:
+    # The file digests are cached by identity and times, and an unchanged file is answered from
+    # a stat alone. An edit of the same size, in place, with the modification time set back,
+    # still changes the ctime (which only the clock can set back): the file is hashed again.
+    agent_file = tmp_path / "agent.py"
+    agent_file.write_bytes(b"print('the agent')\n" * 100)
+    manifest = reference.build([agent_file])
+    measurer = Measurer(manifest)
+    try:
+        assert measurer.measure([], files=True).verdict is Verdict.MATCH
+        assert measurer.measure([], files=True).verdict is Verdict.MATCH  # from the cache
+        before = agent_file.stat()
+        time.sleep(0.01)
+        with agent_file.open("r+b") as f:
+            f.write(b"print('ANOTHER')\n")
+        os.utime(agent_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert agent_file.stat().st_mtime_ns == before.st_mtime_ns and agent_file.stat().st_size == before.st_size
+        result = measurer.measure([], files=True)
+        assert [(m.path, m.reason) for m in result.mismatches] == [
+            (str(agent_file), "file on disk differs from the reference")
+        ]
+    finally:
+        measurer.close()

@@ -408,7 +408,12 @@ class Measurer:
 
     def _file_digest(self, path: Path) -> str:
         # Rehash only when the file's identity or times change: the ctime cannot be set back
-        # without changing the clock, so an edit in place cannot hide from this cache.
+        # without changing the clock, so an edit in place cannot hide from this cache. A stat
+        # answers an unchanged file without opening it (every file, every round, every subject).
+        st = os.stat(path)
+        cached = self._file_cache.get(str(path))
+        if cached is not None and cached[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return cached[1]
         with open(path, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
