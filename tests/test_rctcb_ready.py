@@ -17,12 +17,14 @@ from smig.rctcb.fake_agents import FakeRegionAgents
 from smig.rctcb.orchestrator import Orchestrator
 from smig.rctcb.orders import (
     AbortIncoming,
+    Confirm,
     Fence,
     OrchestratorConfig,
     Order,
     OrderState,
     Prepare,
     Prepared,
+    StartFromDisk,
     StartMigration,
     TargetLost,
     Tick,
@@ -82,6 +84,35 @@ def test_a_ready_order_follows_where_like_a_migrating_one() -> None:
     # before the prepared slot may take a cold restart.
     fencing, actions = next_step(ready, Where(((BAD, W.ABSENT), ("t1", W.INCOMING))), 101.0, CONFIG)
     assert fencing.state is OrderState.FENCING and Fence(BAD) in actions
+    # Its slot is gone (the destination QEMU died, or a dropped cancel aborted it): prepared again,
+    # not sent into a dead address.
+    again, actions = next_step(ready, Where(((BAD, W.RUNNING), ("t1", W.ABSENT))), 101.0, CONFIG)
+    assert (again.state, again.address, actions) == (OrderState.PREPARING, None, (Prepare("t1", "o.1"),))
+
+
+def test_a_cancel_given_up_on_a_ready_order_does_not_send_past_the_slots() -> None:
+    # An operator's cancel that cannot finish in time is dropped and the move goes on; a READY
+    # order then waits for a sending slot like any other, it does not send on its own.
+    ready = _preparing(state=OrderState.READY, address="tcp:t1:4444", attempt=2, tried=("t0", "t1"), cancel="alice")
+    late, actions = next_step(ready, Tick(), 100.0 + CONFIG.fence_timeout_s + 1, CONFIG, may_send=True)
+    assert late.state is OrderState.READY and not late.cancel and actions == ()
+
+
+def test_a_cold_restart_goes_only_to_a_trusted_host() -> None:
+    # The source was fenced and the VM runs nowhere: only its disk is left. If the target left
+    # TRUSTED meanwhile, the restart moves to the next-best trusted host, never to that one.
+    W = VMWhere
+    restarting = _preparing(state=OrderState.RESTARTING, address="tcp:t1:4444", fenced=True)
+    lost = TargetLost("t1 turned suspect")
+    moved, actions = next_step(restarting, lost, 101.0, CONFIG, alternative="t2")
+    assert (moved.state, moved.target, moved.tried) == (OrderState.RESTARTING, "t2", ("t1", "t2"))
+    assert actions == (StartFromDisk("t2", "o.2"),)
+    # With no trusted host left, it waits (asking where the VM is), and restarts nowhere.
+    waiting, actions = next_step(restarting, lost, 101.0, CONFIG)
+    assert waiting.state is OrderState.RESTARTING and waiting.target == "t1" and actions == (Confirm(),)
+    # A landed copy found by `where` is still adopted wherever it runs among the hosts tried.
+    done, _ = next_step(moved, Where(((BAD, None), ("t1", W.ABSENT), ("t2", W.RUNNING))), 102.0, CONFIG)
+    assert done.state is OrderState.DONE and done.target == "t2"
 
 
 def test_an_evacuation_that_prepares_ahead_survives_a_restart_with_orders_ready(tmp_path: Path) -> None:
@@ -165,5 +196,34 @@ def test_the_orchestrator_sends_nothing_to_a_target_that_lost_trust_while_ready(
             assert final.tried[0] == ready.target
             sent_to_lost = [c for c in fake.calls if c[1] == "migrate" and c[3] == ready.step_id]
             assert not sent_to_lost, "the VM was sent to a target that had lost trust"
+
+    asyncio.run(go())
+
+
+def test_the_orchestrator_restarts_a_fenced_vm_only_on_a_trusted_host(tmp_path: Path) -> None:
+    db = tmp_path / "ivt.sqlite"
+    web = vm("web")
+    fake = FakeRegionAgents()
+    build_region(db, [web], fake)
+    fake.faults.refuse.add((BAD, "web"))  # the untrusted source will not migrate: fenced, then restarted
+
+    async def go() -> None:
+        with SQLiteStore(db) as store:
+            region = Region(store)
+            orch = Orchestrator(region, fake, placement=PLACEMENT, config=ORCHESTRATION, clock=Clock())
+            await orch.evacuate(BAD, "mismatch confirmed by t1, t2")
+            for _ in range(20):
+                await orch.run_once()
+                (order,) = orch.orders()
+                if order.state is OrderState.RESTARTING:
+                    break
+            assert order.state is OrderState.RESTARTING, order
+            with region.writing() as (_, current, rows):
+                rows[order.target] = dataclasses.replace(current[order.target], state=TrustState.SUSPECT)
+            await orch.run_until_idle(600)
+            (final,) = orch.orders()
+            assert final.state is OrderState.DONE and final.target != order.target, final
+            assert fake.running_on("web") == [final.target]
+            assert not [c for c in fake.calls if c[1] == "start_from_disk" and c[0] == order.target]
 
     asyncio.run(go())

@@ -248,7 +248,7 @@ def migrations(
     """Show the RC-TCB's migration orders: each VM being moved off an untrusted host, where to, and how far.
 
     An order goes planned → preparing (the target readies a slot) → ready (only while the
-    source's sending slots are taken) → migrating → completing → done; a source that refuses or
+    limits on migrations sending at once are reached) → migrating → completing → done; a source that refuses or
     stalls is fenced and the VM restarted on the target from its disk (fencing → restarting →
     done); failed means no trusted host could take the VM, which keeps running where it was.
     """

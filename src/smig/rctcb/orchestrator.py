@@ -211,6 +211,11 @@ class Orchestrator:
                     obs = TargetLost(lost)
                 may_send = not _would_send(order, obs) or slots.take(order.source, order.target)
                 new, actions = next_step(order, obs, now, self._config, may_send=may_send)
+                restart = next((a.host for a in actions if isinstance(a, StartFromDisk)), None)
+                if restart is not None and (lost := self._target_lost(new, restart)):
+                    # Never boot a VM's disk on a host that left TRUSTED: the next-best one instead.
+                    alternative = self._alternative(new, now)
+                    new, actions = next_step(new, TargetLost(lost), now, self._config, alternative=alternative)
                 if new.state in (OrderState.FENCING, OrderState.FAILED) and order.state in _RETRYABLE:
                     # Giving up on the target: ask placement for the next-best one, and decide
                     # again. (Placement runs only here, not on every poll.)
@@ -329,15 +334,17 @@ class Orchestrator:
         out.update({planned[n.vm.name].id: Failed(n.reason) for n in plan.no_capacity})
         return out
 
-    def _target_lost(self, order: Order) -> str:
-        """Why ``order``'s target may no longer receive its VM, or "". Checked before every send: a
-        slot prepared ahead may wait seconds, and its host can turn SUSPECT or worse meanwhile. (A
-        target merely stale is still sent to: its state, not a late report, is what distrusts it.)"""
-        row = self._region.rows().get(order.target)
+    def _target_lost(self, order: Order, host: str | None = None) -> str:
+        """Why ``host`` (``order``'s target by default) may no longer receive its VM, or "".
+        Checked before every send and every cold restart: a slot prepared ahead may wait seconds,
+        and its host can turn SUSPECT or worse meanwhile. (A target merely stale is still used:
+        its state, not a late report, is what distrusts it.)"""
+        host = host or order.target
+        row = self._region.rows().get(host)
         if row is None:
-            return f"{order.target} left the region before {order.vm.name} was sent there"
+            return f"{host} left the region before {order.vm.name} got there"
         if row.state is not TrustState.TRUSTED:
-            return f"{order.target} turned {row.state.value} before {order.vm.name} was sent there"
+            return f"{host} turned {row.state.value} before {order.vm.name} got there"
         return ""
 
     def _alternative(self, order: Order, now: float) -> str | None:
@@ -498,7 +505,7 @@ def _would_send(order: Order, obs: Observation) -> bool:
         return False
     if order.state is OrderState.PREPARING:
         return isinstance(obs, Prepared)
-    return order.state is OrderState.READY and not isinstance(obs, Where)
+    return order.state is OrderState.READY and not isinstance(obs, Where | TargetLost)
 
 
 def _moves_on(answer: Observation) -> bool:

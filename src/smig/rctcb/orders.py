@@ -7,7 +7,8 @@ results become the next observations. Every state change is one of :data:`TRANSI
 
 The path of a live migration is ``PLANNED → PREPARING → MIGRATING → COMPLETING → DONE``; an order
 prepared while its source's sending slots are taken waits in READY between PREPARING and
-MIGRATING (``next_step``'s ``may_send``; see :class:`smig.rctcb.placement.SendSlots`). A target
+MIGRATING (``next_step``'s ``may_send``: the source's, the target's or the region's limit on
+migrations sending at once is reached; see :class:`smig.rctcb.placement.SendSlots`). A target
 that fails, or a migration that stalls past its size-based deadline, sends the order back to
 PREPARING on the next-best target while attempts remain. A source that refuses (or, attempts
 spent, still fails) is fenced and the VM restarted from its disk on the prepared target:
@@ -39,7 +40,7 @@ from smig.rctcb.agents import MigrationPhase, MigrationView, VMWhere
 class OrderState(StrEnum):
     PLANNED = "planned"  # placed, waiting for a concurrency slot
     PREPARING = "preparing"  # the target is asked for an incoming slot
-    READY = "ready"  # the target's slot is prepared; waiting for a sending slot on the source
+    READY = "ready"  # the target's slot is prepared; waiting for a sending slot
     MIGRATING = "migrating"  # the source sends the VM live
     COMPLETING = "completing"  # the agents said done; confirming where the VM runs
     FENCING = "fencing"  # the source's VM processes are being stopped out of band
@@ -207,7 +208,8 @@ class Failed:
 
 @dataclass(frozen=True)
 class TargetLost:
-    """The order's target is no longer a host to send to (it left TRUSTED), seen before the send."""
+    """The order's target is no longer a host to send a VM to, or to boot it on (it left
+    TRUSTED): seen before a send, and before a cold restart."""
 
     reason: str
 
@@ -345,6 +347,8 @@ def next_step(
         return _send(order, order.address, now, config) if may_send else (order, ())
     if s is OrderState.MIGRATING:
         return _migrating(order, obs, now, config, alternative)
+    if s is OrderState.RESTARTING and isinstance(obs, TargetLost):
+        return _restart_elsewhere(order, obs.reason, now, alternative)
     if s is OrderState.FENCING:
         if isinstance(obs, Fenced):
             return _go(order, now, OrderState.RESTARTING, deadline=None, fenced=True), (Confirm(),)
@@ -375,7 +379,7 @@ def _cancelling(
         return _go(order, now, OrderState.FAILED, reason=why), abort
     give_up = replace(order, cancel="")
     if now >= order.updated_at + config.fence_timeout_s:
-        return next_step(give_up, obs, now, config)
+        return next_step(give_up, obs, now, config, may_send=False)  # a READY one waits for its slot
     if isinstance(obs, Where):
         if any(obs.at(h) is VMWhere.RUNNING for h in order.tried):
             return _reconcile(give_up, obs, now, config, None)  # too late: the landed copy is the VM now
@@ -452,6 +456,20 @@ def _target_lost(
     return retried
 
 
+def _restart_elsewhere(order: Order, why: str, now: float, alternative: str | None) -> tuple[Order, tuple[Action, ...]]:
+    """A fenced VM's cold restart was due on a target that is no longer TRUSTED: restart it on the
+    next-best trusted host instead (the hosts tried stay in ``where``, so a copy that did start on
+    the old one is still found and adopted). With none, wait: the disk boots nowhere untrusted."""
+    if alternative is None or alternative in order.tried:
+        return order, (Confirm(),)
+    attempt = order.attempt + 1
+    new = _go(
+        order, now, OrderState.RESTARTING, target=alternative, attempt=attempt,
+        tried=(*order.tried, alternative), reason=why,
+    )  # fmt: skip
+    return new, (StartFromDisk(alternative, step_id(order.id, attempt)),)
+
+
 def _fence(order: Order, why: str, now: float, config: OrchestratorConfig) -> tuple[Order, tuple[Action, ...]]:
     assert order.address is not None, "never fence without a target slot ready"
     new = _go(order, now, OrderState.FENCING, deadline=now + config.fence_timeout_s, reason=why)
@@ -507,6 +525,10 @@ def _reconcile(
     if s is OrderState.RESTARTING:
         return _go(order, now, OrderState.FENCING, deadline=now + config.fence_timeout_s), (Fence(order.source),)
     if s is OrderState.READY:
+        if obs.at(order.target) is VMWhere.ABSENT:
+            # The slot is gone (its QEMU died, or a cancel dropped it): prepare it again rather
+            # than send into a dead address.
+            return _go(order, now, OrderState.PREPARING, address=None), (Prepare(order.target, order.step_id),)
         return order, ()  # the source still holds the VM (or did not answer): it waits for its slot
     if s is OrderState.COMPLETING:
         why = f"{order.target} does not run the VM after the migration said it completed"
