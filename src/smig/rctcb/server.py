@@ -16,6 +16,7 @@ puts it in the ASGI scope as the ASGI TLS extension describes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -68,6 +69,8 @@ class ServiceConfig:
     fence_home: str = ""  # "home": the host's driver home, with {host} (the loopback lab)
     fence_command: tuple[str, ...] = ()
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    # The concurrency limits (``freshness_s`` comes from the policy, and is set where it is used).
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
 
 _SECTIONS: dict[str, frozenset[str]] = {
@@ -84,8 +87,10 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "completion_timeout_floor_s",
             "max_attempts",
             "fence_timeout_s",
+            "progress_wait_s",
         }
     ),
+    "placement": frozenset({"max_outbound_per_host", "max_inbound_per_host", "max_per_region", "prepare_ahead"}),
     "policy": frozenset({"kind", "freshness_s", "unknown_grace_s", "strike_limit"}),
     "reports": frozenset({"max_age_s", "max_skew_s", "monitors_per_host"}),
 }
@@ -117,14 +122,22 @@ fencing = "command"                # how a source that will not migrate is stopp
 fence_command = ["/usr/local/sbin/fence-vm", "{host}", "{vm}"]   # e.g. a BMC/IPMI script; or
 # fencing = "netns"; fence_netns = "/run/netns/{host}"   (the lab: hosts are network namespaces)
 call_timeout_s = 30.0              # one call to an agent
+progress_wait_s = 1.0              # a progress call waits this long for its migration to end
 completion_timeout_per_gib_s = 60.0
 completion_timeout_floor_s = 30.0  # a live migration running longer than this (or per GiB): fence
 max_attempts = 3                   # targets tried live before fencing and a cold restart
+
+[placement]
+max_outbound_per_host = 2          # migrations sending from one host at once (KubeVirt's default)
+max_inbound_per_host = 2           # arriving at one host at once
+max_per_region = 5                 # sending in the region at once
+prepare_ahead = 2                  # moves past each limit that prepare their target meanwhile
 """
 
 
 def example_config(home: Path | None = None) -> str:
-    return EXAMPLE.format(home=home or smig_home())
+    # Not str.format: the example's fencing lines hold {host} and {vm} placeholders of their own.
+    return EXAMPLE.replace("{home}", str(home or smig_home()))
 
 
 def parse_config(text: str, *, source: str = "the configuration") -> ServiceConfig:
@@ -150,6 +163,7 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
     if tick <= 0:
         raise ConfigError(f"rctcb.tick_interval_s must be positive, not {tick}")
     agents: dict[str, Any] = data.get("agents", {})
+    limits: dict[str, Any] = data.get("placement", {})
     fencing = str(agents.get("fencing", "none"))
     if fencing not in ("netns", "home", "command", "none"):
         raise ConfigError(f"agents.fencing must be netns, home, command or none, not {fencing!r}")
@@ -186,6 +200,8 @@ def parse_config(text: str, *, source: str = "the configuration") -> ServiceConf
         fence_home=fence_home,
         fence_command=tuple(command),
         orchestrator=orchestrator,
+        # PlacementConfig names the key and what it must be (a whole number) when one is wrong.
+        placement=PlacementConfig(**{key: limits[key] for key in _SECTIONS["placement"] if key in limits}),
     )
 
 
@@ -336,7 +352,7 @@ async def serve(config: ServiceConfig, *, ready: Callable[[str, int], None] | No
         app = create_app(
             region, ca_cert=ca_cert, max_body_bytes=config.max_body_bytes, default_manifest=config.manifest
         )
-        placement = PlacementConfig(freshness_s=config.region.policy.freshness_s)
+        placement = dataclasses.replace(config.placement, freshness_s=config.region.policy.freshness_s)
         orchestrator = Orchestrator(
             region, _agents(config, region), placement=placement, config=config.orchestrator, clock=time.time
         )
