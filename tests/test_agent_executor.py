@@ -145,7 +145,10 @@ def test_a_vm_moves_over_tls_by_order_and_every_order_repeats_safely(hosts: list
             arrived = (await b_driver.status("mover")).info
             async with session(VMFiles(b.home).paths("mover", arrived.instance).qmp) as qmp:
                 creds = (await qmp.execute("query-migrate-parameters"))["tls-creds"]
+                capabilities = {c["capability"]: c["state"] for c in await qmp.execute("query-migrate-capabilities")}
             assert creds == TLS_IN, "the guest must have come in over TLS"
+            # The destination told the source when it had loaded the VM: only then was it "completed".
+            assert capabilities["return-path"] is True
 
             # Every order repeated after the fact changes nothing.
             target_pid = b.pids()

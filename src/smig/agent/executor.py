@@ -88,6 +88,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PROGRESS_WAIT_S = 10.0  # the longest a `progress` call may wait for its migration to end
+SLOT_POLL_S = 1.0  # how often a follower looks at an incoming slot (its VM arrived? its QEMU died?)
+SLOT_GLANCE_S = 0.1  # how long it gives the slot's QEMU to answer that it runs the VM
 
 # -- the address a target hands out -----------------------------------------------------------
 
@@ -471,8 +473,12 @@ class OrderExecutor:
                 if order is None or not order.stage.in_flight:
                     return
                 try:
-                    order = await self._settle(order)
-                    delay = self._poll_s
+                    # A slot waiting for its VM is looked at briefly and seldom: the destination
+                    # QEMU takes the migration in on its main loop, which every QMP question
+                    # interrupts, and the RC-TCB's `where` settles the slot itself when it asks.
+                    target = order.side is Side.TARGET
+                    order = await self._settle(order, slot_wait_s=SLOT_GLANCE_S if target else None)
+                    delay = SLOT_POLL_S if target else self._poll_s
                 except SmigError as e:
                     log.warning("%s: order %s: %s; trying again", vm, order_id, e)
                     delay = min(delay * 2, 5.0)
@@ -488,12 +494,13 @@ class OrderExecutor:
                 except SmigError as e:  # what is left in flight is judged conservatively by the caller
                     log.warning("%s: order %s: %s", vm, order.id, e)
 
-    async def _settle(self, order: JournalOrder) -> JournalOrder:
-        """Move ``order`` on as far as the hypervisor shows it has gone. Raises SmigError."""
+    async def _settle(self, order: JournalOrder, *, slot_wait_s: float | None = None) -> JournalOrder:
+        """Move ``order`` on as far as the hypervisor shows it has gone; a slot's QEMU is given
+        ``slot_wait_s`` (default ``settle_wait_s``) to say it runs the VM. Raises SmigError."""
         if order.side is Side.SOURCE and order.stage in (Stage.MIGRATING, Stage.COMPLETING):
             return await self._settle_source(order)
         if order.side is Side.TARGET and order.stage is Stage.PREPARED:
-            return await self._settle_target(order, self._settle_wait_s)
+            return await self._settle_target(order, self._settle_wait_s if slot_wait_s is None else slot_wait_s)
         return order
 
     async def _settle_source(self, order: JournalOrder) -> JournalOrder:

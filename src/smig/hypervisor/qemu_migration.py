@@ -28,12 +28,20 @@ TLS_OUT = "smig-tls-out"
 async def set_migration_options(
     qmp: Session, params: MigrationParams, tls: TLSConfig | None, *, tls_id: str, endpoint: str, accel: Accel | None
 ) -> None:
-    """Apply capabilities and parameters, including the TLS credentials object, to one side."""
+    """Apply capabilities and parameters, including the TLS credentials object, to one side.
+
+    Both sides open the return path: the destination then tells the source when it has loaded
+    the VM (or failed to), and only then does the source call the migration completed. Without
+    it, "completed" means only "all sent": a source stopped at once could reset the connection
+    while the destination still read the last of it, and the VM was lost on the way (a cold
+    restart from disk), or a destination that failed to load was found only after the source had
+    gone. With it, such a failure is the source's, which keeps running the VM."""
     await qmp.execute(
         "migrate-set-capabilities",
         capabilities=[
             {"capability": "events", "state": True},
             {"capability": "auto-converge", "state": params.auto_converge},
+            {"capability": "return-path", "state": True},
         ],
     )
     options: dict[str, Any] = {
