@@ -32,6 +32,7 @@ from smig.rctcb.orders import (
     completion_timeout,
     next_step,
 )
+from smig.rctcb.placement import PlacementConfig
 from smig.rctcb.region import Region
 from tests.test_rctcb_orchestrator import (
     BAD,
@@ -118,11 +119,7 @@ def test_a_cold_restart_goes_only_to_a_trusted_host() -> None:
 def test_an_evacuation_that_prepares_ahead_survives_a_restart_with_orders_ready(tmp_path: Path) -> None:
     # Five VMs, two sending at once and two prepared ahead: after the first round two are READY.
     # The RC-TCB then stops (its orders persisted) and a new one resumes them from the store.
-    db = tmp_path / "ivt.sqlite"
-    vms = [vm(f"v{i}") for i in range(5)]
-    fake = FakeRegionAgents(polls_to_complete=3)
-    build_region(db, vms, fake)
-    placement = dataclasses.replace(PLACEMENT, prepare_ahead=2)
+    db, vms, fake, placement = _evacuee_region(tmp_path, vms=5, polls=3, ahead=2)
 
     async def go() -> list[OrderState]:
         with SQLiteStore(db) as store:
@@ -150,6 +147,17 @@ def test_an_evacuation_that_prepares_ahead_survives_a_restart_with_orders_ready(
         assert len({c[0] for c in fake.calls if c[1] == "prepare_incoming" and c[2] == v.name}) == 1
 
 
+def _evacuee_region(
+    tmp_path: Path, *, vms: int, polls: int, ahead: int
+) -> tuple[Path, list[PlacedVM], FakeRegionAgents, PlacementConfig]:
+    """An untrusted host with ``vms`` VMs to move, and placement preparing ``ahead`` moves ahead."""
+    db = tmp_path / "ivt.sqlite"
+    placed = [vm(f"v{i}") for i in range(vms)]
+    fake = FakeRegionAgents(polls_to_complete=polls)
+    build_region(db, placed, fake)
+    return db, placed, fake, dataclasses.replace(PLACEMENT, prepare_ahead=ahead)
+
+
 def _order_of(fake: FakeRegionAgents, name: str) -> str:
     return str(fake.migrations[f"{BAD}/{name}"]["order"]).rsplit(".", 1)[0]
 
@@ -174,11 +182,7 @@ def test_a_ready_order_whose_target_lost_trust_goes_elsewhere_or_stays_home() ->
 
 
 def test_the_orchestrator_sends_nothing_to_a_target_that_lost_trust_while_ready(tmp_path: Path) -> None:
-    db = tmp_path / "ivt.sqlite"
-    vms = [vm(f"v{i}") for i in range(3)]
-    fake = FakeRegionAgents(polls_to_complete=4)
-    build_region(db, vms, fake)
-    placement = dataclasses.replace(PLACEMENT, prepare_ahead=1)
+    db, _, fake, placement = _evacuee_region(tmp_path, vms=3, polls=4, ahead=1)
 
     async def go() -> None:
         with SQLiteStore(db) as store:
