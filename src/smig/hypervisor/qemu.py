@@ -173,7 +173,13 @@ class QemuDriver:
     async def _kill_instance(self, name: str, instance: str, pid: int | None = None) -> None:
         paths = self._files.paths(name, instance)
         pid = pid or process.read_pidfile(paths.pidfile)
-        if pid is not None and process.is_ours(pid, str(paths.directory)):
+        if pid is None or not process.is_ours(pid, str(paths.directory)):
+            # It exited on its own (a failed incoming migration, a guest that panicked): its logs
+            # say why, so they outlive its directory.
+            kept = self._files.keep_logs(name, instance)
+            if kept is not None:
+                log.warning("%s: QEMU instance %s had exited; its logs are in %s", name, instance, kept)
+        else:
             with suppress(QMPError):  # a QEMU that will not answer is signalled below
                 async with session(paths.qmp, vm=name, timeout_s=2.0) as qmp:
                     await qmp.quit()

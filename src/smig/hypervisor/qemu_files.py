@@ -5,6 +5,8 @@ Layout under the driver's home (``$SMIG_HOME``)::
     vms/NAME/vm.json        the VM's spec and its current instance (pid, accelerator)
     vms/NAME/ID/            one QEMU process's files: qmp.sock, qmp-aux.sock, heartbeat.log,
                             console.log, qemu.pid, qemu.log (and migrate.sock when receiving)
+    exited/NAME-ID/         the logs of a QEMU that exited on its own, kept when its files go
+                            (the newest KEEP_EXITED of them), for whoever asks why
 
 A migration on one machine has two instances of the same VM side by side; ``vm.json`` names
 the one that runs the guest.
@@ -29,6 +31,7 @@ from smig.hypervisor.qemu_argv import InstancePaths
 from smig.model import Accel, VMSpec, valid_vm_name
 
 _SUN_PATH_MAX = 107
+KEEP_EXITED = 20
 
 
 class VMFiles:
@@ -44,6 +47,25 @@ class VMFiles:
                 f"bad VM name {name!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)", vm=name
             )
         return self.vms / name
+
+    def keep_logs(self, name: str, instance: str) -> Path | None:
+        """Copy the logs of instance ``instance`` of ``name`` (a QEMU that exited on its own) to
+        ``exited/``, dropping the oldest beyond :data:`KEEP_EXITED`; where they went, or None."""
+        paths = self.paths(name, instance)
+        logs = [f for f in (paths.console, paths.log, paths.heartbeat) if f.exists()]
+        if not logs:
+            return None
+        kept = self.home / "exited" / f"{name}-{instance}"
+        try:
+            kept.mkdir(parents=True, exist_ok=True)
+            for f in logs:
+                shutil.copy2(f, kept / f.name)
+            old = sorted(kept.parent.iterdir(), key=lambda d: d.stat().st_mtime)
+            for stale in old[: max(0, len(old) - KEEP_EXITED)]:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            return None  # the logs are a courtesy: a full disk must not stop the cleanup
+        return kept
 
     def paths(self, name: str, instance: str) -> InstancePaths:
         return InstancePaths(self.vm_dir(name) / instance)
