@@ -168,6 +168,7 @@ def test_a_cold_restart_needs_a_fence_whatever_the_source_says() -> None:
     # The source says the VM left; the target does not run it (it died on arrival): fence first.
     fencing, actions = next_step(completing, Where(((BAD, W.ABSENT), ("t1", W.ABSENT))), 101.0, config)
     assert fencing.state is OrderState.FENCING and Fence(BAD) in actions
+    assert fencing.reason.startswith("the VM was lost on t1 after its migration completed"), fencing.reason
     restarting, _ = next_step(fencing, Fenced(), 102.0, config)
     assert restarting.state is OrderState.RESTARTING and restarting.fenced
     _, actions = next_step(restarting, Where(((BAD, None), ("t1", W.ABSENT))), 103.0, config)

@@ -516,9 +516,15 @@ def _reconcile(
         if not order.fenced:
             # The untrusted source says the VM is gone from it; its word is not proof. Fence it (a
             # no-op if true) before the VM is booted anywhere else.
-            return _fence(
-                order, f"{order.source} says it no longer runs the VM; fenced before a cold restart", now, config
-            )
+            why = f"{order.source} says it no longer runs the VM; fenced before a cold restart"
+            if s is OrderState.COMPLETING:
+                # The migration completed and the target holds nothing: its QEMU took the VM in and
+                # then exited (a guest that panicked on arrival; its logs are the target's to keep).
+                why = (
+                    f"the VM was lost on {order.target} after its migration completed (its QEMU exited); "
+                    f"{order.source} fenced before a cold restart"
+                )
+            return _fence(order, why, now, config)
         # Nowhere running: only the disk is left. Restart it on the target (the one safe move).
         new = order if s is OrderState.RESTARTING else _go(order, now, OrderState.RESTARTING, deadline=None)
         return new, (StartFromDisk(order.target, order.step_id),)
