@@ -410,16 +410,15 @@ class Measurer:
         # Rehash only when the file's identity or times change: the ctime cannot be set back
         # without changing the clock, so an edit in place cannot hide from this cache. A stat
         # answers an unchanged file without opening it (every file, every round, every subject).
-        st = os.stat(path)
         cached = self._file_cache.get(str(path))
-        if cached is not None and cached[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        if cached is not None and cached[0] == _file_key(os.stat(path)):
             return cached[1]
         with open(path, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            cached = self._file_cache.get(str(path))
-            if cached is not None and cached[0] == key:
-                return cached[1]
+            key = _file_key(os.fstat(f.fileno()))  # the digest is of the file opened, whatever the path names now
             digest = self._reader.file_digest(f.fileno())
         self._file_cache[str(path)] = (key, digest)
         return digest
+
+
+def _file_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -54,9 +54,10 @@ def current_beat(state: LabState, vm: str, instances: _Instances | None = None) 
     """The VM's last heartbeat, from the host whose record names its running instance.
     ``instances``: a cache of the records, kept across calls by a caller that samples often."""
     best: Beat | None = None
+    records = instances if instances is not None else _Instances()
     for host in state.hosts:
         record = state.host_home(host) / "vms" / vm / "vm.json"
-        instance = (instances if instances is not None else _Instances()).of(record)
+        instance = records.of(record)
         if instance is None:
             continue
         hb = heartbeat.read_last(record.parent / instance / "heartbeat.log")

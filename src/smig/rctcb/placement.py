@@ -203,9 +203,8 @@ class _Ledger:
             if m.target in self._free:
                 self._free[m.target] -= m.needs
             self._add_group(m.target, group_of.get(m.vm, ""))
-        self._outbound = Counter(m.source for m in in_flight)
-        self._inbound = Counter(m.target for m in in_flight)
-        self._running = len(in_flight)
+        # Every begun move counts, and each limit is raised by prepare_ahead.
+        self._begun = _Slots(in_flight, config, extra=config.prepare_ahead)
         # Targets grouped by capacity, each group kept sorted by _order. Within a group the
         # spread key orders hosts the same way whatever the VM needs, so a group's best allowed
         # host is the first allowed one in that order: a VM looks at a few hosts per group instead
@@ -281,21 +280,35 @@ class _Ledger:
 
     def reserve(self, move: Move) -> bool:
         """Count ``move`` as begun and return True, or return False if a limit holds it back."""
-        cfg = self._config
-        ahead = cfg.prepare_ahead
-        if (
-            self._outbound[move.source] >= cfg.max_outbound_per_host + ahead
-            or self._inbound[move.target] >= cfg.max_inbound_per_host + ahead
-            or self._running >= cfg.max_per_region + ahead
-        ):
+        return self._begun.take(move.source, move.target)
+
+
+class _Slots:
+    """The three concurrency limits (per source, per target, per region), each raised by
+    ``extra``, over ``moves`` already counted; :meth:`take` counts one more or refuses."""
+
+    def __init__(self, moves: Sequence[InFlight], config: PlacementConfig, *, extra: int) -> None:
+        self._limits = (
+            config.max_outbound_per_host + extra,
+            config.max_inbound_per_host + extra,
+            config.max_per_region + extra,
+        )
+        self._outbound = Counter(m.source for m in moves)
+        self._inbound = Counter(m.target for m in moves)
+        self._running = len(moves)
+
+    def take(self, source: str, target: str) -> bool:
+        """Count ``source`` → ``target`` and return True, or return False if a limit is reached."""
+        out, into, region = self._limits
+        if self._outbound[source] >= out or self._inbound[target] >= into or self._running >= region:
             return False
-        self._outbound[move.source] += 1
-        self._inbound[move.target] += 1
+        self._outbound[source] += 1
+        self._inbound[target] += 1
         self._running += 1
         return True
 
 
-class SendSlots:
+class SendSlots(_Slots):
     """Who may start sending now: the concurrency limits over the migrations sending already.
 
     Built from the moves in flight; :meth:`take` grants a slot (and counts it) or refuses. Local to
@@ -303,22 +316,4 @@ class SendSlots:
     """
 
     def __init__(self, in_flight: Sequence[InFlight], config: PlacementConfig) -> None:
-        sending = [m for m in in_flight if m.sending]
-        self._config = config
-        self._outbound = Counter(m.source for m in sending)
-        self._inbound = Counter(m.target for m in sending)
-        self._running = len(sending)
-
-    def take(self, source: str, target: str) -> bool:
-        """Grant ``source`` → ``target`` a sending slot and return True, or False if a limit is reached."""
-        cfg = self._config
-        if (
-            self._outbound[source] >= cfg.max_outbound_per_host
-            or self._inbound[target] >= cfg.max_inbound_per_host
-            or self._running >= cfg.max_per_region
-        ):
-            return False
-        self._outbound[source] += 1
-        self._inbound[target] += 1
-        self._running += 1
-        return True
+        super().__init__([m for m in in_flight if m.sending], config, extra=0)
