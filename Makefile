@@ -21,6 +21,7 @@ venv: $(STAMP)
 
 image: system venv
 	$(BIN)/smig image build
+	$(BIN)/smig image xen
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -9,6 +9,8 @@ PACKAGES=(
     iproute2          # network namespaces for the lab
     gcc libc6-dev     # compiles the guest's static workload program and the lab's attack library
     b3sum             # the baseline AIM's hashing speed is benchmarked against
+    debootstrap       # builds the nested Xen hosts' dom0 root disk (Xen 4.17 from Debian's main archive)
+    e2fsprogs         # mkfs.ext4 -d writes that disk without a loop mount
 )
 
 SUDO=""

@@ -15,6 +15,9 @@ import pytest
 from smig.guest.image import GuestImage, ImageBuilder
 from smig.hypervisor import process
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
+from smig.lab import xen_host
+from smig.lab.xen_host import XenHost, XenHostSpec
+from smig.lab.xen_image import XenHostImage, XenImageBuilder
 from smig.paths import smig_cache
 from smig.pki import ensure_local_migration_tls
 from tests.helpers import qemu_pids
@@ -41,6 +44,29 @@ def session_root() -> Iterator[Path]:
     assert not leftovers, f"tests left QEMU processes running: {leftovers}"
     assert not sockets, f"tests left sockets behind: {sockets}"
     assert not new_tmp, f"tests left temporary files in {_TMP}: {sorted(new_tmp)}"
+
+
+@pytest.fixture(scope="session")
+def xen_image() -> XenHostImage:
+    """The real nested Xen host image, built once (a no-op when `make setup` built it)."""
+    image, _ = XenImageBuilder(smig_cache()).ensure()
+    return image
+
+
+@pytest.fixture(scope="session")
+def xen_host_running(
+    xen_image: XenHostImage, guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[XenHost]:
+    """One nested Xen host for the session (its boot takes about 35 s under TCG), with the guest
+    image shared into dom0 at the path it has here."""
+    images = guest_image.kernel.parent.parent
+    spec = XenHostSpec("t1", tmp_path_factory.mktemp("xh"), shares=((images, str(images)),))
+    host = asyncio.run(xen_host.boot(xen_image, spec))
+    try:
+        yield host
+    finally:
+        asyncio.run(xen_host.stop(host))
+        assert not process.alive(host.pid), "the nested Xen host's QEMU survived its stop"
 
 
 @pytest.fixture(scope="session")

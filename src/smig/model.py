@@ -31,10 +31,12 @@ def valid_vm_name(name: str) -> bool:
 
 
 class Accel(StrEnum):
-    """How QEMU runs guest code: hardware virtualisation or the TCG binary translator."""
+    """How a guest's code runs: under QEMU with hardware virtualisation or the TCG binary
+    translator, or as a Xen paravirtualised guest."""
 
     KVM = "kvm"
     TCG = "tcg"
+    XEN_PV = "xen-pv"
 
 
 class VMState(StrEnum):

@@ -1,4 +1,4 @@
-"""``smig image``: build and inspect the guest image."""
+"""``smig image``: build and inspect the guest image, and the nested Xen host image."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import typer
 from smig.cli.common import emit_json, err, fail, out
 from smig.errors import SmigError
 from smig.guest.image import GuestImage, ImageBuilder
+from smig.lab.xen_image import XenImageBuilder
 from smig.paths import smig_cache
 
 app = typer.Typer(
-    help="Build and inspect the guest image (Debian cloud kernel + busybox initramfs).", no_args_is_help=True
+    help="Build and inspect the guest image (Debian cloud kernel + busybox initramfs) and the Xen host image.",
+    no_args_is_help=True,
 )
 
 
@@ -52,4 +54,38 @@ def show(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
     else:
         out.print(
             f"kernel  {image.kernel}\ninitrd  {image.initrd}\npackage {image.kernel_package}\ndigest  {image.digest}"
+        )
+
+
+@app.command()
+def xen(
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the inputs did not change."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Build the nested Xen host image (Xen 4.17.5, dom0's kernel, a dom0 root disk) into the cache.
+
+    Needs root and Debian's main archive: debootstrap takes about two minutes the first time;
+    after that it does nothing until an input changes. `smig lab up --hypervisor xen` boots it.
+    """
+    builder = XenImageBuilder(smig_cache(), progress=lambda msg: err.print(f"[dim]xen image:[/dim] {msg}"))
+    try:
+        image, built = builder.ensure(force=force)
+    except SmigError as e:
+        fail(str(e))
+    if as_json:
+        emit_json(
+            {
+                "xen": str(image.xen),
+                "kernel": str(image.kernel),
+                "initrd": str(image.initrd),
+                "disk": str(image.disk),
+                "versions": image.versions,
+                "digest": image.digest,
+                "built": built,
+            }
+        )
+    else:
+        out.print(
+            f"Xen host image {'built' if built else 'up to date'}: {image.disk.parent} "
+            f"(Xen {image.xen_version}, dom0 kernel {image.versions.get('kernel', '?')})"
         )

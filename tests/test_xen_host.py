@@ -1,0 +1,105 @@
+"""The nested Xen host: its outer QEMU's command line, its image, and a real host booted under TCG."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from smig.errors import ImageError
+from smig.hypervisor.commands import NOT_FOUND, TIMED_OUT
+from smig.lab.xen_host import XenHost, XenHostError, XenHostSpec, outer_argv, ready_line
+from smig.lab.xen_image import XenHostImage, check_migrating_xen
+
+IMAGE = XenHostImage(
+    xen=Path("/c/xen.elf"),
+    kernel=Path("/c/vmlinuz"),
+    initrd=Path("/c/initrd.img"),
+    disk=Path("/c/root.ext4"),
+    versions={"xen-hypervisor-4.17-amd64": "4.17.5+72-g01140da4e8-1"},
+    digest="d",
+)
+
+
+def _value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_outer_argv_boots_xen_with_dom0_as_its_module() -> None:
+    shares = ((Path("/src"), "/src"),)
+    spec = XenHostSpec("h1", Path("/run/x/h1"), ip="10.77.0.2/24", gateway="10.77.0.1", shares=shares)
+    argv = outer_argv(IMAGE, spec)
+    assert _value(argv, "-cpu") == "max,-smap,-smep"  # dom0 page-faults under TCG without it
+    assert _value(argv, "-accel") == "tcg"
+    assert _value(argv, "-kernel") == "/c/xen.elf"
+    kernel_and_args, initrd = _value(argv, "-initrd").split(",")
+    assert initrd == "/c/initrd.img"
+    assert kernel_and_args.startswith("/c/vmlinuz root=/dev/vda")
+    assert "smig.ip=10.77.0.2/24" in kernel_and_args and "smig.gw=10.77.0.1" in kernel_and_args
+    assert "smig.mount=smig0:/src" in kernel_and_args
+    assert "dom0_mem=768M,max:768M" in _value(argv, "-append")
+    assert "local,path=/src,mount_tag=smig0,security_model=none,readonly=on" in argv
+    assert _value(argv, "-nic") == "none"  # no network unless the lab gives it a tap
+    assert spec.marker in argv
+
+
+def test_outer_argv_with_a_tap_gives_dom0_its_nic() -> None:
+    argv = outer_argv(IMAGE, XenHostSpec("h1", Path("/d"), tap="xt0"))
+    assert "tap,id=n0,ifname=xt0,script=no,downscript=no" in argv
+    assert "-nic" not in argv
+
+
+@pytest.mark.parametrize("directory", ["/a,b", "/a b"])
+def test_outer_argv_refuses_a_path_qemu_would_split(directory: str) -> None:
+    with pytest.raises(XenHostError, match="comma or a space"):
+        outer_argv(IMAGE, XenHostSpec("h1", Path(directory)))
+
+
+def test_outer_argv_refuses_dom0_as_large_as_the_host() -> None:
+    with pytest.raises(XenHostError, match="must be smaller"):
+        outer_argv(IMAGE, XenHostSpec("h1", Path("/d"), memory_mib=512, dom0_mib=512))
+
+
+def test_ready_line() -> None:
+    assert ready_line("boot\nsmig-dom0: starting\n") is None
+    assert ready_line("x\nsmig-dom0: ready 6.1.0-50-amd64 xen 4.17.5\n") == ("6.1.0-50-amd64", "4.17.5")
+
+
+def test_only_a_xen_that_migrates_pv_guests_is_accepted() -> None:
+    check_migrating_xen("4.17.5+72-g01140da4e8-1")
+    with pytest.raises(ImageError, match="shadow paging"):
+        check_migrating_xen("4.17.7+13-g2445b30a44-0+deb12u1")
+    with pytest.raises(ImageError, match="none"):
+        check_migrating_xen("")
+
+
+# -- a real nested host ----------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(600)
+def test_nested_xen_host_runs_the_pinned_xen_and_answers_commands(xen_host_running: XenHost) -> None:
+    host = xen_host_running
+    assert host.xen_version.startswith("4.17.5")  # what Xen itself says, in dom0's ready line
+
+    async def main() -> None:
+        info, listing, missing, slow, fast = await asyncio.gather(
+            host.channel.run(["xl", "info"]),
+            host.channel.run(["xl", "list"]),
+            host.channel.run(["no-such-program"]),
+            host.channel.run(["sleep", "5"], timeout_s=1),
+            host.channel.run(["cat"], input="through stdin"),
+        )
+        assert info.ok, info.why()
+        pairs = (line.split(":", 1) for line in info.stdout.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in pairs}
+        assert fields["xen_version"].startswith("4.17.5")
+        assert "virt_caps" in fields
+        assert listing.ok and "Domain-0" in listing.stdout
+        assert missing.rc == NOT_FOUND
+        assert slow.rc == TIMED_OUT  # and the channel still answers the others meanwhile
+        assert fast.stdout == "through stdin"
+        await host.channel.close()
+
+    asyncio.run(main())
