@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
 
-from smig.errors import ImageError
+from smig.aim import xen_syms
+from smig.aim.xen_judge import TEXT_TARGET
+from smig.aim.xen_measure import XenMeasurement, measure_xen
+from smig.errors import AttackError, ImageError
 from smig.hypervisor.commands import NOT_FOUND, TIMED_OUT
-from smig.lab.xen_host import XenHost, XenHostError, XenHostSpec, outer_argv, ready_line
-from smig.lab.xen_image import XenHostImage, check_migrating_xen
+from smig.lab import attacks, xen_attacks
+from smig.lab.xen_host import OuterQemu, XenHost, XenHostError, XenHostSpec, outer_argv, ready_line
+from smig.lab.xen_image import XenHostImage, check_migrating_xen, elf_build_id
+from smig.model import Verdict
 
 IMAGE = XenHostImage(
     xen=Path("/c/xen.elf"),
@@ -41,6 +47,7 @@ def test_outer_argv_boots_xen_with_dom0_as_its_module() -> None:
     assert "dom0_mem=768M,max:768M" in _value(argv, "-append")
     assert "local,path=/src,mount_tag=smig0,security_model=none,readonly=on" in argv
     assert _value(argv, "-nic") == "none"  # no network unless the lab gives it a tap
+    assert _value(argv, "-qmp") == "unix:/run/x/h1/qmp.sock,server=on,wait=off"
     assert spec.marker in argv
 
 
@@ -59,6 +66,11 @@ def test_outer_argv_refuses_a_path_qemu_would_split(directory: str) -> None:
 def test_outer_argv_refuses_dom0_as_large_as_the_host() -> None:
     with pytest.raises(XenHostError, match="must be smaller"):
         outer_argv(IMAGE, XenHostSpec("h1", Path("/d"), memory_mib=512, dom0_mib=512))
+
+
+def test_only_a_nested_hosts_qemu_is_taken_for_one() -> None:
+    with pytest.raises(XenHostError, match="not the outer QEMU"):
+        OuterQemu.of(os.getpid())
 
 
 def test_ready_line() -> None:
@@ -103,3 +115,39 @@ def test_nested_xen_host_runs_the_pinned_xen_and_answers_commands(xen_host_runni
         await host.channel.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(600)
+def test_aim_reads_xen_from_outside_and_names_a_patched_function(
+    xen_host_running: XenHost, xen_image: XenHostImage
+) -> None:
+    """A healthy Xen matches its package's xen-syms round after round (alternatives and all); a
+    byte flipped in its code from outside is found at the function it hit; undone, it matches."""
+    host = xen_host_running
+    syms = xen_syms.load(xen_image.xen_syms)
+    assert syms.build_id and elf_build_id(xen_image.xen) == syms.build_id  # the very Xen that boots
+    outer = OuterQemu.of(host.pid)
+    assert outer.memory_mib == host.spec.memory_mib and outer.qmp_socket == host.spec.qmp_socket
+
+    async def measure() -> XenMeasurement:
+        return await measure_xen(host.pid, outer.memory_mib, outer.qmp_socket, syms)
+
+    async def story() -> None:
+        for _ in range(3):
+            healthy = await measure()
+            assert healthy.verdict is Verdict.MATCH, healthy.mismatches
+            assert healthy.bytes == syms.text.size and healthy.text_phys > 0
+        record = await xen_attacks.xen_code(host.pid, xen_image.xen_syms, function="do_kexec_op", offset=8)
+        try:
+            attacked = await measure()
+            assert attacked.verdict is Verdict.MISMATCH
+            assert [(m.path, m.offset, m.length) for m in attacked.mismatches] == [(TEXT_TARGET, record.offset, 1)]
+            assert "do_kexec_op+0x8" in attacked.mismatches[0].reason
+        finally:
+            assert "restored" in attacks.undo(record)
+        assert (await measure()).verdict is Verdict.MATCH
+
+    asyncio.run(story())
+    with pytest.raises(AttackError, match="not the outer QEMU"):
+        asyncio.run(xen_attacks.xen_code(os.getpid(), xen_image.xen_syms))

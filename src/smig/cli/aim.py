@@ -12,16 +12,19 @@ from typing import Any
 
 import typer
 
-from smig.aim import procfs, reference
+from smig.aim import procfs, reference, xen_syms
 from smig.aim.keys import ensure_private_key
 from smig.aim.measure import Measurement, Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.report import encode_report
 from smig.aim.schedule import Schedule
+from smig.aim.xen_measure import measure_xen
 from smig.cli.common import emit_json, fail, out
 from smig.errors import SmigError
+from smig.lab.xen_host import OuterQemu
+from smig.lab.xen_image import XenImageBuilder
 from smig.model import HashAlgorithm, Verdict
-from smig.paths import smig_home
+from smig.paths import smig_cache, smig_home
 
 app = typer.Typer(
     help=(
@@ -185,12 +188,53 @@ def _measurement_json(m: Measurement, algorithm: HashAlgorithm) -> dict[str, Any
     }
 
 
+def _measure_xen(pid: int, syms_path: Path | None, *, strict: bool, as_json: bool) -> None:
+    try:
+        outer = OuterQemu.of(pid)
+        syms = xen_syms.load(syms_path or XenImageBuilder(smig_cache()).load().xen_syms)
+        result = asyncio.run(measure_xen(pid, outer.memory_mib, outer.qmp_socket, syms))
+    except SmigError as e:
+        fail(str(e))
+    if as_json:
+        emit_json(
+            {
+                "verdict": result.verdict.value,
+                "elapsed_ms": round(result.elapsed_ms, 3),
+                "bytes": result.bytes,
+                "mismatches": [
+                    {"path": x.path, "offset": x.offset, "length": x.length, "reason": x.reason, "pid": pid}
+                    for x in result.mismatches
+                ],
+                "root": result.targets[0].digest if result.targets else "",
+                "algorithm": HashAlgorithm.BLAKE3.value,
+                "pids": [pid],
+                "targets": len(result.targets),
+                "xen_build_id": syms.build_id,
+                "text_physical_address": result.text_phys,
+            }
+        )
+    else:
+        colour = "green" if result.verdict is Verdict.MATCH else "red"
+        out.print(
+            f"[{colour}]{result.verdict.value}[/{colour}]: Xen {syms.build_id[:12]} code, "
+            f"{result.bytes / 1e6:.1f} MB at guest-physical {result.text_phys:#x}, in {result.elapsed_ms:.1f} ms"
+        )
+        for x in result.mismatches:
+            out.print(f"  {x.path} {x.offset:#x}+{x.length:#x}: {x.reason}", markup=False, soft_wrap=True)
+    if strict and result.verdict is Verdict.MISMATCH:
+        raise typer.Exit(3)
+
+
 def measure(
     pid: list[int] = typer.Option(None, "--pid", help="Process to measure (repeatable)."),
     host: str | None = typer.Option(
         None, "--host", help="Network namespace (name under /run/netns, or a path) whose hypervisors to measure."
     ),
     all_local: bool = typer.Option(False, "--all", help="Every hypervisor process on this machine."),
+    xen: int | None = typer.Option(
+        None, "--xen", help="The outer QEMU of a nested Xen host: measure its Xen hypervisor's code from outside."
+    ),
+    xen_syms: Path | None = typer.Option(None, "--xen-syms", help="Xen's xen-syms [default: the Xen host image's]."),
     reference_file: Path | None = _REFERENCE,
     key: Path | None = _KEY,
     files: bool | None = typer.Option(
@@ -204,9 +248,16 @@ def measure(
 
     A mismatch names the module (or [anon] for anonymous executable memory, whose offset is then
     its address), the file offset range that differs, and why.
+
+    With --xen, the Xen hypervisor of a nested host is read from its outer QEMU's memory, through
+    the host's own page tables, and judged against xen-syms from the Xen package: a mismatch is
+    "xen:.text", its offset into Xen's code, and the function it hit.
     """
-    if sum(map(bool, (pid, host, all_local))) != 1:
-        fail("name what to measure: --pid PID (repeatable), --host NETNS, or --all")
+    if sum(map(bool, (pid, host, all_local, xen is not None))) != 1:
+        fail("name what to measure: --pid PID (repeatable), --host NETNS, --all, or --xen PID")
+    if xen is not None:
+        _measure_xen(xen, xen_syms, strict=strict, as_json=as_json)
+        return
     try:
         _, manifest = _load(reference_file, key)
         file_root = Path("/")

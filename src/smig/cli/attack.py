@@ -6,6 +6,7 @@ so ``smig attack undo ID`` (or ``--all``, or ``--record FILE``) can put things b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sys
@@ -15,8 +16,9 @@ import typer
 
 from smig.cli.common import emit_json, fail, out
 from smig.errors import SmigError
-from smig.lab import attacks
+from smig.lab import attacks, xen_attacks
 from smig.lab.attacks import AttackRecord
+from smig.lab.xen_image import XenImageBuilder
 from smig.paths import smig_cache, smig_home
 
 app = typer.Typer(
@@ -106,6 +108,29 @@ def swap_binary(
         fail(str(e))
     _save(record)
     _report(record, as_json)
+
+
+@app.command("xen-code")
+def xen_code(
+    pid: int = typer.Option(..., "--pid", help="The outer QEMU of a nested Xen host (`smig lab` started it)."),
+    function: str = typer.Option(xen_attacks.DEFAULT_FUNCTION, "--function", help="Xen function to patch."),
+    offset: int = typer.Option(xen_attacks.DEFAULT_OFFSET, "--offset", min=0, help="Offset into the function."),
+    length: int = typer.Option(1, "--length", min=1, max=64, help="Bytes to flip."),
+    syms: Path | None = typer.Option(None, "--syms", help="Xen's xen-syms [default: the Xen host image's]."),
+    as_json: bool = _JSON,
+) -> None:
+    """Flip bytes of the Xen hypervisor's code from outside its host, in the outer QEMU's memory.
+
+    The address is translated through the nested host's own page tables, so the live code is hit.
+    The default, do_kexec_op+0x8, is a hypercall a lab host never makes: Xen keeps running.
+    """
+    try:
+        path = syms or XenImageBuilder(smig_cache()).load().xen_syms
+        record = asyncio.run(xen_attacks.xen_code(pid, path, function=function, offset=offset, length=length))
+    except SmigError as e:
+        fail(str(e))
+    _save(record)
+    _report(record, as_json, extra={"function": record.detail["function"]})
 
 
 @app.command()

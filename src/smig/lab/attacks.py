@@ -29,7 +29,7 @@ from smig.aim import elf, procfs
 from smig.aim.procfs import MemoryMapping
 from smig.errors import AttackError, ProcessGone
 
-KINDS = ("patch", "anon-exec", "swap-binary", "preload")
+KINDS = ("patch", "anon-exec", "swap-binary", "preload", "xen-code")
 _PADDING = re.compile(rb"\x00{16,}")
 
 
@@ -297,6 +297,10 @@ def undo(record: AttackRecord) -> str:
     Raises:
         AttackError: it cannot be undone.
     """
+    if record.kind == "xen-code":
+        from smig.lab import xen_attacks  # it builds on this module
+
+        return xen_attacks.undo(record)
     if record.kind in ("patch", "anon-exec", "preload") and not _same_process(record):
         return f"process {record.pid} is gone; nothing to undo"
     if record.kind == "patch":

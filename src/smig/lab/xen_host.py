@@ -64,6 +64,11 @@ class XenHostSpec:
         return self.directory / "exec.sock"
 
     @property
+    def qmp_socket(self) -> Path:
+        """The outer QEMU's monitor: what a monitor reads the emulated CPU's registers from."""
+        return self.directory / "qmp.sock"
+
+    @property
     def pidfile(self) -> Path:
         return self.directory / "qemu.pid"
 
@@ -108,6 +113,7 @@ def outer_argv(image: XenHostImage, spec: XenHostSpec) -> list[str]:
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=exec,path={_safe(spec.exec_socket)},server=on,wait=off",
         "-device", f"virtserialport,chardev=exec,name={EXEC_PORT}",
+        "-qmp", f"unix:{_safe(spec.qmp_socket)},server=on,wait=off",
         "-pidfile", _safe(spec.pidfile),
     ]  # fmt: skip
     for i, (source, _) in enumerate(spec.shares):
@@ -118,6 +124,29 @@ def outer_argv(image: XenHostImage, spec: XenHostSpec) -> list[str]:
     else:
         argv += ["-nic", "none"]
     return argv
+
+
+@dataclass(frozen=True)
+class OuterQemu:
+    """What a monitor needs of a nested host's outer QEMU, read from its command line (SMIG
+    started it; the nested host has no say in it)."""
+
+    pid: int
+    memory_mib: int
+    qmp_socket: Path
+
+    @classmethod
+    def of(cls, pid: int) -> OuterQemu:
+        """Raises XenHostError: not the outer QEMU of a nested Xen host."""
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError as e:
+            raise XenHostError(f"no process with PID {pid}") from e
+        args = dict(itertools.pairwise(argv))
+        name, memory, qmp_arg = args.get("-name", ""), args.get("-m", ""), args.get("-qmp", "")
+        if not name.startswith("smig-xen-") or not memory.isdigit() or not qmp_arg.startswith("unix:"):
+            raise XenHostError(f"process {pid} is not the outer QEMU of a nested Xen host SMIG started")
+        return cls(pid, int(memory), Path(qmp_arg.removeprefix("unix:").split(",")[0]))
 
 
 def ready_line(console: str) -> tuple[str, str] | None:
@@ -250,7 +279,7 @@ async def boot(
     tail is in the message, and the QEMU is stopped.
     """
     await _create_overlay(image, spec)
-    for stale in (spec.console, spec.pidfile, spec.exec_socket):
+    for stale in (spec.console, spec.pidfile, spec.exec_socket, spec.qmp_socket):
         stale.unlink(missing_ok=True)
     argv = outer_argv(image, spec)
     if netns:

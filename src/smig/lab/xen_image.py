@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ PACKAGES = (
     "python3",  # the exec channel, and the SMIG agent in dom0
 )
 XEN_PACKAGE = "xen-hypervisor-4.17-amd64"
+#: Its unstripped twin, whose xen-syms is the reference AIM judges Xen's code against.
+XEN_SYMS_PACKAGE = "xen-hypervisor-4.17-amd64-dbg"
+XEN_SYMS_IN_PACKAGE = "usr/lib/debug/boot/xen-syms-4.17-amd64"
 #: Xen versions whose PV live migration works under TCG (shadow paging built in).
 MIGRATING_XEN = ("4.17.5",)
 DISK_SIZE_MIB = 1400
@@ -65,6 +69,8 @@ _PRUNE = (
 _PRUNE_MODULES = ("drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/infiniband", "sound")
 
 Progress = Callable[[str], None]
+PT_NOTE = 4
+NT_GNU_BUILD_ID = 3
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,43 @@ class XenHostImage:
     digest: str
 
     @property
+    def xen_syms(self) -> Path:
+        """Xen's unstripped ELF, from the -dbg package of the same version (AIM's reference)."""
+        return self.xen.parent / "xen-syms"
+
+    @property
     def xen_version(self) -> str:
         return self.versions.get(XEN_PACKAGE, "")
+
+
+def elf_build_id(path: Path) -> str:
+    """The GNU build id in an ELF file's notes (32- or 64-bit), or "" if it has none."""
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF":
+        return ""
+    wide = data[4] == 2
+    phoff, phentsize, phnum = (
+        (struct.unpack_from("<Q", data, 32)[0], *struct.unpack_from("<HH", data, 54))
+        if wide
+        else (struct.unpack_from("<I", data, 28)[0], *struct.unpack_from("<HH", data, 42))
+    )
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if struct.unpack_from("<I", data, at)[0] != PT_NOTE:
+            continue
+        offset, size = (
+            struct.unpack_from("<QQ", data, at + 8)[0:1] + struct.unpack_from("<Q", data, at + 32)
+            if wide
+            else (struct.unpack_from("<I", data, at + 4)[0], struct.unpack_from("<I", data, at + 16)[0])
+        )
+        note = offset
+        while note + 12 <= offset + size:
+            namesz, descsz, kind = struct.unpack_from("<III", data, note)
+            name_end = note + 12 + ((namesz + 3) & ~3)
+            if kind == NT_GNU_BUILD_ID and data[note + 12 : note + 12 + namesz].rstrip(b"\0") == b"GNU":
+                return data[name_end : name_end + descsz].hex()
+            note = name_end + ((descsz + 3) & ~3)
+    return ""
 
 
 def _asset(name: str) -> bytes:
@@ -156,11 +197,40 @@ class XenImageBuilder:
             except ImageError:
                 current = None
             if current is not None and current.digest == digest and current.disk.exists():
+                if not current.xen_syms.exists():
+                    self._fetch_xen_syms(current)
                 return current, False
         if os.geteuid() != 0:
             raise ImageError("building the Xen host image needs root (debootstrap, device nodes in the tree)")
         self._build(digest)
-        return self.load(), True
+        image = self.load()
+        self._fetch_xen_syms(image)
+        return image, True
+
+    def _fetch_xen_syms(self, image: XenHostImage) -> None:
+        """Download xen-syms for exactly the Xen in the image, and prove it is that Xen: the
+        build id in its notes must equal the one in the image's Xen."""
+        version = image.xen_version
+        work = self.image_dir / "syms.building"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            self._progress(f"downloading {XEN_SYMS_PACKAGE} {version} (xen-syms, AIM's reference for Xen)")
+            done = subprocess.run(
+                ["apt-get", "download", "-q", f"{XEN_SYMS_PACKAGE}={version}"],
+                cwd=work, capture_output=True, text=True, check=False, timeout=600,
+            )  # fmt: skip
+            debs = sorted(work.glob("*.deb"))
+            if not debs:
+                raise ImageError(f"apt-get download {XEN_SYMS_PACKAGE}={version} failed: {done.stderr.strip()[-300:]}")
+            _run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], "dpkg-deb -x")
+            syms = work / "x" / XEN_SYMS_IN_PACKAGE
+            ours, theirs = elf_build_id(image.xen), elf_build_id(syms)
+            if not ours or ours != theirs:
+                raise ImageError(f"xen-syms (build id {theirs or 'none'}) is not the image's Xen ({ours or 'none'})")
+            syms.rename(image.xen_syms)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _build(self, digest: str) -> None:
         shutil.rmtree(self._work, ignore_errors=True)

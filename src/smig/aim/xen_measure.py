@@ -1,0 +1,74 @@
+"""Measuring a nested Xen host's hypervisor from outside it (AIM for Xen).
+
+One round: read a vCPU's CR3 from the outer QEMU's monitor, translate Xen's ``.text`` through
+the page tables in the host's RAM, read it from the outer QEMU's memory, and judge it against
+``xen-syms`` (:mod:`smig.aim.xen_judge`). Nothing the host says enters the verdict: the
+registers are the emulator's, the bytes are read from its memory, the reference is a file of
+the Xen package.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from smig.aim.xen_judge import TEXT_TARGET, judge_text
+from smig.aim.xen_memory import PhysicalReader, XenMemoryError, find_ram, parse_cr3
+from smig.aim.xen_syms import XenSyms
+from smig.errors import QMPError
+from smig.hypervisor import qmp
+from smig.model import Mismatch, TargetDigest, Verdict
+
+
+@dataclass(frozen=True)
+class XenMeasurement:
+    verdict: Verdict
+    targets: tuple[TargetDigest, ...]
+    mismatches: tuple[Mismatch, ...]
+    bytes: int
+    elapsed_ms: float
+    text_phys: int  # where Xen's code was found, guest-physical
+
+
+async def read_cr3(qmp_socket: Path) -> int:
+    """A vCPU's CR3, from the outer QEMU's monitor. Raises XenMemoryError."""
+    try:
+        async with qmp.session(qmp_socket, timeout_s=5) as s:
+            text = await s.execute("human-monitor-command", **{"command-line": "info registers"})
+    except QMPError as e:
+        raise XenMemoryError(f"cannot read the nested host's registers: {e}") from e
+    return parse_cr3(str(text))
+
+
+async def measure_xen(pid: int, memory_mib: int, qmp_socket: Path, syms: XenSyms) -> XenMeasurement:
+    """Measure the Xen of the nested host whose outer QEMU is ``pid``.
+
+    A host whose code cannot be read or translated is a mismatch, not an error: hiding from the
+    monitor must not look like a pass. Raises XenMemoryError only when the outer QEMU itself is
+    gone (the host is down, which the caller judges by other means).
+    """
+    t0 = time.perf_counter()
+    ram = find_ram(pid, memory_mib)
+    cr3 = await read_cr3(qmp_socket)
+    text = syms.text
+    with PhysicalReader(ram) as reader:
+        try:
+            phys = reader.translate(cr3, text.addr)
+            now = reader.read_virtual(cr3, text.addr, text.size)
+        except XenMemoryError as e:
+            hidden = Mismatch(TEXT_TARGET, 0, text.size, f"Xen's code cannot be read at its address: {e}")
+            elapsed = (time.perf_counter() - t0) * 1000
+            return XenMeasurement(Verdict.MISMATCH, (), (hidden,), 0, elapsed, -1)
+    mismatches = tuple(judge_text(syms, now))
+    digest = TargetDigest(f"xen:{syms.build_id}:.text@{text.addr:#x}+{text.size:#x}", blake3.blake3(now).hexdigest())
+    return XenMeasurement(
+        verdict=Verdict.MISMATCH if mismatches else Verdict.MATCH,
+        targets=(digest,),
+        mismatches=mismatches,
+        bytes=len(now),
+        elapsed_ms=(time.perf_counter() - t0) * 1000,
+        text_phys=phys,
+    )

@@ -1,0 +1,97 @@
+"""The attack on a nested Xen host's hypervisor, from outside it: flip bytes of Xen's code in the
+outer QEMU's memory, at a named function of Xen's, where the CPU executes them.
+
+The target is translated exactly as a monitor translates it (CR3 from the outer QEMU's monitor,
+the page tables in the host's RAM), so the attack hits the live code, not a stale copy. The
+record keeps the guest-physical address and the original bytes, so undoing needs no walk.
+By default the patch lands inside ``do_kexec_op`` (at +0x8), a hypercall a lab host never makes, so the
+patched Xen keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from smig.aim import xen_syms
+from smig.aim.xen_judge import TEXT_TARGET
+from smig.aim.xen_measure import read_cr3
+from smig.aim.xen_memory import PhysicalReader, XenMemoryError, find_ram
+from smig.errors import AttackError
+from smig.lab.attacks import AttackRecord, _start_time
+from smig.lab.xen_host import OuterQemu, XenHostError
+
+KIND = "xen-code"
+DEFAULT_FUNCTION = "do_kexec_op"
+DEFAULT_OFFSET = 0x8
+
+
+async def xen_code(
+    pid: int, syms_path: Path, *, function: str = DEFAULT_FUNCTION, offset: int = DEFAULT_OFFSET, length: int = 1
+) -> AttackRecord:
+    """Flip ``length`` bytes of Xen's code at ``function+offset`` in the nested host whose outer
+    QEMU is ``pid``.
+
+    Raises AttackError: not a nested Xen host's QEMU, no such function, or the write failed.
+    """
+    try:
+        outer = OuterQemu.of(pid)
+    except XenHostError as e:
+        raise AttackError(str(e)) from e
+    try:
+        syms = xen_syms.load(syms_path)
+    except Exception as e:
+        raise AttackError(f"cannot read Xen's symbols {syms_path}: {e}") from e
+    starts = {name: (addr, size) for addr, size, name in syms.functions}
+    if function not in starts:
+        raise AttackError(f"Xen has no function {function!r}")
+    addr, size = starts[function]
+    if not 0 <= offset <= size - length:
+        raise AttackError(f"offset {offset:#x} is outside {function} ({size:#x} bytes)")
+    va = addr + offset
+    try:
+        ram = find_ram(pid, outer.memory_mib)
+        cr3 = await read_cr3(outer.qmp_socket)
+        with PhysicalReader(ram) as reader:
+            phys = reader.translate(cr3, va)
+            original = reader.read(phys, length)
+            _poke(pid, ram.start + phys, bytes(b ^ 0xFF for b in original))
+    except XenMemoryError as e:
+        raise AttackError(str(e)) from e
+    return AttackRecord(
+        id=f"{KIND}-{secrets.token_hex(4)}",
+        kind=KIND,
+        pid=pid,
+        path=TEXT_TARGET,
+        offset=va - syms.text.addr,
+        length=length,
+        applied_at=time.time(),
+        detail={
+            "function": f"{function}+{offset:#x}",
+            "address": ram.start + phys,
+            "original": original.hex(),
+            "start_time": _start_time(pid),
+        },
+    )
+
+
+def undo(record: AttackRecord) -> str:
+    """Put Xen's original bytes back (nothing to do if the nested host has stopped since)."""
+    try:
+        same = _start_time(record.pid) == int(record.detail["start_time"])
+    except AttackError:
+        same = False
+    if not same:
+        return f"the nested host's QEMU {record.pid} is gone; nothing to undo"
+    _poke(record.pid, int(record.detail["address"]), bytes.fromhex(record.detail["original"]))
+    return f"restored {record.length} byte(s) of Xen's code at {record.detail['function']} in QEMU {record.pid}"
+
+
+def _poke(pid: int, address: int, data: bytes) -> None:
+    try:
+        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+            os.pwrite(mem.fileno(), data, address)
+    except OSError as e:
+        raise AttackError(f"cannot write QEMU {pid}'s memory at {address:#x}: {e.strerror or e}") from e
