@@ -94,7 +94,7 @@ def outer_argv(image: XenHostImage, spec: XenHostSpec) -> list[str]:
     if spec.dom0_mib >= spec.memory_mib:
         raise XenHostError(f"dom0 ({spec.dom0_mib} MiB) must be smaller than the host ({spec.memory_mib} MiB)")
     dom0_args = [
-        f"root=/dev/vda rw console=hvc0 init=/sbin/smig-dom0-init smig.name={spec.name}",
+        f"root=/dev/vda rw console=hvc0 net.ifnames=0 init=/sbin/smig-dom0-init smig.name={spec.name}",
         *([f"smig.ip={spec.ip}"] if spec.ip else []),
         *([f"smig.gw={spec.gateway}"] if spec.gateway else []),
         *(f"smig.mount=smig{i}:{_safe(where)}" for i, (_, where) in enumerate(spec.shares)),
