@@ -8,13 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from smig.aim import xen_syms
+from smig.aim import reference, xen_syms
+from smig.aim.keys import generate_key
+from smig.aim.measure import Measurer
+from smig.aim.monitor import Monitor, Observation
+from smig.aim.report import verify_report
+from smig.aim.schedule import Schedule
 from smig.aim.xen_judge import TEXT_TARGET
-from smig.aim.xen_measure import XenMeasurement, measure_xen
+from smig.aim.xen_measure import XenMeasurement, measure_xen, xen_subject
+from smig.aim.xen_memory import OuterQemu, XenMemoryError
 from smig.errors import AttackError, ImageError
 from smig.hypervisor.commands import NOT_FOUND, TIMED_OUT
 from smig.lab import attacks, xen_attacks
-from smig.lab.xen_host import OuterQemu, XenHost, XenHostError, XenHostSpec, outer_argv, ready_line
+from smig.lab.xen_host import XenHost, XenHostError, XenHostSpec, outer_argv, ready_line
 from smig.lab.xen_image import XenHostImage, check_migrating_xen, elf_build_id
 from smig.model import Verdict
 
@@ -69,7 +75,7 @@ def test_outer_argv_refuses_dom0_as_large_as_the_host() -> None:
 
 
 def test_only_a_nested_hosts_qemu_is_taken_for_one() -> None:
-    with pytest.raises(XenHostError, match="not the outer QEMU"):
+    with pytest.raises(XenMemoryError, match="not the outer QEMU"):
         OuterQemu.of(os.getpid())
 
 
@@ -151,3 +157,45 @@ def test_aim_reads_xen_from_outside_and_names_a_patched_function(
     asyncio.run(story())
     with pytest.raises(AttackError, match="not the outer QEMU"):
         asyncio.run(xen_attacks.xen_code(os.getpid(), xen_image.xen_syms))
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(600)
+def test_a_monitor_signs_reports_on_a_nested_xen_host_that_verify(
+    xen_host_running: XenHost, xen_image: XenHostImage
+) -> None:
+    """The monitor's loop measures a Xen subject like any other: signed reports the RC-TCB's
+    verifier accepts, MATCH while healthy, MISMATCH naming the function once Xen is patched."""
+    syms = xen_syms.load(xen_image.xen_syms)
+    subject = xen_subject("x1", xen_host_running.pid, syms)
+    key = generate_key()
+    monitor = Monitor("m1", key, Measurer(reference.build([])), Schedule(mean_interval_s=0.2))
+    seen: list[Observation] = []
+    try:
+        asyncio.run(monitor.run(subject, seen.append, rounds=3))
+        record = asyncio.run(xen_attacks.xen_code(xen_host_running.pid, xen_image.xen_syms))
+        try:
+            seen.append(monitor.measure_once(subject))
+        finally:
+            attacks.undo(record)
+        seen.append(monitor.measure_once(subject))
+    finally:
+        monitor.close()
+    last: dict[tuple[str, str], int] = {}
+    verdicts = []
+    for obs in seen:
+        report = verify_report(
+            obs.signed,
+            keys={"m1": key.public_key()},
+            assigned={"x1": ["m1"]},
+            last_sequence=last,
+            now=obs.report.ended_at,
+            max_age_s=60,
+            max_skew_s=5,
+        )
+        last[("m1", "x1")] = report.sequence
+        verdicts.append(report.verdict)
+    assert verdicts == [Verdict.MATCH] * 3 + [Verdict.MISMATCH, Verdict.MATCH]
+    patched = seen[3].report.mismatches
+    assert len(patched) == 1 and patched[0].path == TEXT_TARGET and "do_kexec_op+0x8" in patched[0].reason
+    assert seen[0].report.root == seen[1].report.root != seen[3].report.root  # healthy rounds agree

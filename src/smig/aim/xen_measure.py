@@ -9,18 +9,22 @@ the Xen package.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 
+from smig.aim.hashing import root
+from smig.aim.measure import Measurement
+from smig.aim.monitor import Subject
 from smig.aim.xen_judge import TEXT_TARGET, judge_text
-from smig.aim.xen_memory import PhysicalReader, XenMemoryError, find_ram, parse_cr3
+from smig.aim.xen_memory import OuterQemu, PhysicalReader, XenMemoryError, find_ram, parse_cr3
 from smig.aim.xen_syms import XenSyms
 from smig.errors import QMPError
 from smig.hypervisor import qmp
-from smig.model import Mismatch, TargetDigest, Verdict
+from smig.model import HashAlgorithm, Mismatch, TargetDigest, Verdict
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ async def read_cr3(qmp_socket: Path) -> int:
     return parse_cr3(str(text))
 
 
-async def measure_xen(pid: int, memory_mib: int, qmp_socket: Path, syms: XenSyms) -> XenMeasurement:
+async def measure_xen(
+    pid: int, memory_mib: int, qmp_socket: Path, syms: XenSyms, cache: XenMeasurer | None = None
+) -> XenMeasurement:
     """Measure the Xen of the nested host whose outer QEMU is ``pid``.
 
     A host whose code cannot be read or translated is a mismatch, not an error: hiding from the
@@ -62,8 +68,11 @@ async def measure_xen(pid: int, memory_mib: int, qmp_socket: Path, syms: XenSyms
             hidden = Mismatch(TEXT_TARGET, 0, text.size, f"Xen's code cannot be read at its address: {e}")
             elapsed = (time.perf_counter() - t0) * 1000
             return XenMeasurement(Verdict.MISMATCH, (), (hidden,), 0, elapsed, -1)
-    mismatches = tuple(judge_text(syms, now))
     digest = TargetDigest(f"xen:{syms.build_id}:.text@{text.addr:#x}+{text.size:#x}", blake3.blake3(now).hexdigest())
+    known = cache.judged(digest.digest) if cache is not None else None
+    mismatches = known if known is not None else tuple(judge_text(syms, now))
+    if cache is not None:
+        cache.remember(digest.digest, mismatches)
     return XenMeasurement(
         verdict=Verdict.MISMATCH if mismatches else Verdict.MATCH,
         targets=(digest,),
@@ -72,3 +81,46 @@ async def measure_xen(pid: int, memory_mib: int, qmp_socket: Path, syms: XenSyms
         elapsed_ms=(time.perf_counter() - t0) * 1000,
         text_phys=phys,
     )
+
+
+class XenMeasurer:
+    """Measures one nested Xen host round after round, for a monitor's loop.
+
+    Judging takes most of a round, and Xen's code does not change between healthy rounds: when
+    the bytes read hash to the digest of the last round, its verdict stands (the bytes are still
+    read and hashed every round, so any change is judged at once).
+    """
+
+    def __init__(self, outer: OuterQemu, syms: XenSyms) -> None:
+        self.outer = outer
+        self.syms = syms
+        self._last: tuple[str, tuple[Mismatch, ...]] | None = None
+
+    def measure(self) -> Measurement:
+        """One round as a :class:`Measurement`, so it is reported, signed and verified as any other.
+
+        Blocking: it runs its own event loop for the monitor read (call it from a worker thread)."""
+        m = asyncio.run(measure_xen(self.outer.pid, self.outer.memory_mib, self.outer.qmp_socket, self.syms, self))
+        return Measurement(
+            verdict=m.verdict,
+            root=root(HashAlgorithm.BLAKE3, ((t.target, t.digest) for t in m.targets)),
+            targets=m.targets,
+            mismatches=m.mismatches,
+            bytes=m.bytes,
+            elapsed_ms=m.elapsed_ms,
+            pids=(self.outer.pid,),
+        )
+
+    def judged(self, digest: str) -> tuple[Mismatch, ...] | None:
+        return self._last[1] if self._last is not None and self._last[0] == digest else None
+
+    def remember(self, digest: str, mismatches: tuple[Mismatch, ...]) -> None:
+        self._last = (digest, mismatches)
+
+
+def xen_subject(subject_id: str, outer_pid: int, syms: XenSyms) -> Subject:
+    """A monitor's subject that is a nested Xen host, measured from its outer QEMU.
+
+    Raises XenMemoryError: ``outer_pid`` is not a nested host's outer QEMU."""
+    measurer = XenMeasurer(OuterQemu.of(outer_pid), syms)
+    return Subject(subject_id, find_pids=lambda: [outer_pid], files=False, measure=measurer.measure)

@@ -13,10 +13,12 @@ puts all of it below the PCI hole, so guest-physical address = offset in that ma
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from smig.aim import procfs
 from smig.errors import SmigError
@@ -26,6 +28,7 @@ _ADDR = 0x000F_FFFF_FFFF_F000
 _PRESENT, _LARGE = 0x1, 0x80
 _CR3_RE = re.compile(r"\bCR3=([0-9a-fA-F]+)")
 LOW_RAM_LIMIT = 2 << 30  # q35 keeps RAM below this contiguous from address 0
+OUTER_QEMU_PREFIX = "smig-xen-"  # the -name of every nested host's outer QEMU SMIG starts
 
 
 class XenMemoryError(SmigError):
@@ -39,6 +42,29 @@ class GuestRam:
     pid: int
     start: int  # its address in the outer QEMU process
     size: int
+
+
+@dataclass(frozen=True)
+class OuterQemu:
+    """What a monitor needs of a nested host's outer QEMU, read from its command line (SMIG
+    started it; the nested host has no say in it)."""
+
+    pid: int
+    memory_mib: int
+    qmp_socket: Path
+
+    @classmethod
+    def of(cls, pid: int) -> OuterQemu:
+        """Raises XenMemoryError: not the outer QEMU of a nested Xen host."""
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError as e:
+            raise XenMemoryError(f"no process with PID {pid}") from e
+        args = dict(itertools.pairwise(argv))
+        name, memory, qmp_arg = args.get("-name", ""), args.get("-m", ""), args.get("-qmp", "")
+        if not name.startswith(OUTER_QEMU_PREFIX) or not memory.isdigit() or not qmp_arg.startswith("unix:"):
+            raise XenMemoryError(f"process {pid} is not the outer QEMU of a nested Xen host SMIG started")
+        return cls(pid, int(memory), Path(qmp_arg.removeprefix("unix:").split(",")[0]))
 
 
 def find_ram(pid: int, memory_mib: int) -> GuestRam:

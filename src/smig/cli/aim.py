@@ -19,9 +19,9 @@ from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.report import encode_report
 from smig.aim.schedule import Schedule
 from smig.aim.xen_measure import measure_xen
+from smig.aim.xen_memory import OuterQemu
 from smig.cli.common import emit_json, fail, out
 from smig.errors import SmigError
-from smig.lab.xen_host import OuterQemu
 from smig.lab.xen_image import XenImageBuilder
 from smig.model import HashAlgorithm, Verdict
 from smig.paths import smig_cache, smig_home

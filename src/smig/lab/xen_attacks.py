@@ -18,10 +18,9 @@ from pathlib import Path
 from smig.aim import xen_syms
 from smig.aim.xen_judge import TEXT_TARGET
 from smig.aim.xen_measure import read_cr3
-from smig.aim.xen_memory import PhysicalReader, XenMemoryError, find_ram
+from smig.aim.xen_memory import OuterQemu, PhysicalReader, XenMemoryError, find_ram
 from smig.errors import AttackError
 from smig.lab.attacks import AttackRecord, _start_time
-from smig.lab.xen_host import OuterQemu, XenHostError
 
 KIND = "xen-code"
 DEFAULT_FUNCTION = "do_kexec_op"
@@ -38,7 +37,7 @@ async def xen_code(
     """
     try:
         outer = OuterQemu.of(pid)
-    except XenHostError as e:
+    except XenMemoryError as e:
         raise AttackError(str(e)) from e
     try:
         syms = xen_syms.load(syms_path)

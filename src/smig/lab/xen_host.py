@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smig.aim.xen_memory import OUTER_QEMU_PREFIX
 from smig.errors import LaunchError, SmigError
 from smig.hypervisor import process
 from smig.hypervisor.commands import CommandResult
@@ -79,7 +80,7 @@ class XenHostSpec:
     @property
     def marker(self) -> str:
         """What the outer QEMU's command line carries, so only it is ever signalled."""
-        return f"smig-xen-{self.name}"
+        return f"{OUTER_QEMU_PREFIX}{self.name}"
 
 
 def _safe(path: Path | str) -> str:
@@ -124,29 +125,6 @@ def outer_argv(image: XenHostImage, spec: XenHostSpec) -> list[str]:
     else:
         argv += ["-nic", "none"]
     return argv
-
-
-@dataclass(frozen=True)
-class OuterQemu:
-    """What a monitor needs of a nested host's outer QEMU, read from its command line (SMIG
-    started it; the nested host has no say in it)."""
-
-    pid: int
-    memory_mib: int
-    qmp_socket: Path
-
-    @classmethod
-    def of(cls, pid: int) -> OuterQemu:
-        """Raises XenHostError: not the outer QEMU of a nested Xen host."""
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError as e:
-            raise XenHostError(f"no process with PID {pid}") from e
-        args = dict(itertools.pairwise(argv))
-        name, memory, qmp_arg = args.get("-name", ""), args.get("-m", ""), args.get("-qmp", "")
-        if not name.startswith("smig-xen-") or not memory.isdigit() or not qmp_arg.startswith("unix:"):
-            raise XenHostError(f"process {pid} is not the outer QEMU of a nested Xen host SMIG started")
-        return cls(pid, int(memory), Path(qmp_arg.removeprefix("unix:").split(",")[0]))
 
 
 def ready_line(console: str) -> tuple[str, str] | None:
