@@ -10,7 +10,6 @@ patched Xen keeps running.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from smig.aim.xen_judge import TEXT_TARGET
 from smig.aim.xen_measure import read_cr3
 from smig.aim.xen_memory import OuterQemu, PhysicalReader, XenMemoryError, find_ram
 from smig.errors import AttackError
-from smig.lab.attacks import AttackRecord, _start_time
+from smig.lab.attacks import AttackRecord, _start_time, _write
 
 KIND = "xen-code"
 DEFAULT_FUNCTION = "do_kexec_op"
@@ -56,7 +55,7 @@ async def xen_code(
         with PhysicalReader(ram) as reader:
             phys = reader.translate(cr3, va)
             original = reader.read(phys, length)
-            _poke(pid, ram.start + phys, bytes(b ^ 0xFF for b in original))
+            _write(pid, ram.start + phys, bytes(b ^ 0xFF for b in original))
     except XenMemoryError as e:
         raise AttackError(str(e)) from e
     return AttackRecord(
@@ -84,13 +83,6 @@ def undo(record: AttackRecord) -> str:
         same = False
     if not same:
         return f"the nested host's QEMU {record.pid} is gone; nothing to undo"
-    _poke(record.pid, int(record.detail["address"]), bytes.fromhex(record.detail["original"]))
+    _write(record.pid, int(record.detail["address"]), bytes.fromhex(record.detail["original"]))
     return f"restored {record.length} byte(s) of Xen's code at {record.detail['function']} in QEMU {record.pid}"
 
-
-def _poke(pid: int, address: int, data: bytes) -> None:
-    try:
-        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
-            os.pwrite(mem.fileno(), data, address)
-    except OSError as e:
-        raise AttackError(f"cannot write QEMU {pid}'s memory at {address:#x}: {e.strerror or e}") from e
