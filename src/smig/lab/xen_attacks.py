@@ -85,4 +85,3 @@ def undo(record: AttackRecord) -> str:
         return f"the nested host's QEMU {record.pid} is gone; nothing to undo"
     _write(record.pid, int(record.detail["address"]), bytes.fromhex(record.detail["original"]))
     return f"restored {record.length} byte(s) of Xen's code at {record.detail['function']} in QEMU {record.pid}"
-
