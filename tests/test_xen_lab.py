@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from smig.errors import MigrationError
 from smig.guest.image import GuestImage
 from smig.hypervisor.migration import live_migrate
 from smig.hypervisor.xen import XenConfig, XenDriver
@@ -82,7 +83,13 @@ def test_a_guest_moves_live_between_two_nested_xen_hosts(
         info = await source.launch(spec)
         before = (await source.status("far")).heartbeat
         assert before is not None
-        stats = await live_migrate(source, target, "far", MigrationParams())
+        try:
+            stats = await live_migrate(source, target, "far", MigrationParams())
+        except MigrationError:
+            # Nested Xen's migrations fail now and then, xl resuming the guest at its source
+            # (docs/XEN.md): it must be there, once, and a second attempt must succeed.
+            assert [i.name for i in await source.list()] == ["far"] and await target.list() == []
+            stats = await live_migrate(source, target, "far", MigrationParams())
         assert stats.uri == f"tcp:{n2.address}:{stats.uri.rsplit(':', 1)[1]}"  # over the lab's network
         assert stats.source_pid == info.pid
         assert await source.list() == []

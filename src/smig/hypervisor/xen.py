@@ -17,7 +17,9 @@ transport (an empty ``-s`` makes xl run the "host" argument itself), and the des
 owns the transport. xl reports no byte counts or downtime: progress is a state (active, then
 completed or failed), and the stats carry the total time only (downtime -1: unknown).
 Cancelling kills the source's transport: xl then takes its own failure path and resumes the
-domain at its end.
+domain at its end. Not declared as a capability yet: a cancel late in xl's protocol once left
+the guest owned by neither side. TLS: socat's OPENSSL addresses with the migration credentials
+(verify both ways, the receiver's name checked), declared only when credentials are configured.
 
 Xen's PV domain builder loads the guest kernel and initrd into the domain's initial memory:
 the Debian cloud kernel needs at least 96 MiB (64 fails with "segment module0 too large").
@@ -38,6 +40,7 @@ from smig.errors import (
     LaunchError,
     MigrationError,
     PortInUse,
+    TLSError,
     VMExists,
     VMNotFound,
     VMStateError,
@@ -53,6 +56,7 @@ from smig.model import (
     MigrationProgress,
     MigrationStats,
     MigrationStatus,
+    TLSConfig,
     VMInfo,
     VMSpec,
     VMState,
@@ -75,6 +79,7 @@ class XenConfig:
     initrd: str
     state_dir: str = "/var/lib/smig/xen"
     migration_address: str = "127.0.0.1"  # dom0's address a destination listens on
+    tls: TLSConfig | None = None  # credentials in QEMU's layout, at a path in dom0; None: no TLS
     boot_timeout_s: float = 120.0
     command_timeout_s: float = 120.0
     poll_s: float = 0.5
@@ -151,7 +156,17 @@ class XenDriver:
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        return frozenset({Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT, Capability.CANCEL_MIGRATION})
+        # No CANCEL_MIGRATION: a cancel late in xl's protocol once left the guest owned by
+        # neither side (docs/XEN.md). cancel_migration stays, for rolling back a failed one.
+        caps = {Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT}
+        if self.config.tls is not None:
+            caps.add(Capability.TLS_MIGRATION)
+        return frozenset(caps)
+
+    def _tls(self, name: str) -> TLSConfig:
+        if self.config.tls is None:
+            raise TLSError(f"TLS asked for {name}'s migration, but this Xen driver has no credentials", vm=name)
+        return self.config.tls
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -297,12 +312,20 @@ class XenDriver:
         address = self.config.migration_address
         await self._empty(_console_log(f"{spec.name}{INCOMING_SUFFIX}"))
         log = self._file(spec.name, "in.log")
+        listen = f"TCP-LISTEN:{port},bind={address},reuseaddr"
+        if params.tls:
+            d = self._tls(spec.name).directory
+            # The sender must present a certificate of the same CA (verify=1): no one else can
+            # push a domain into this host.
+            listen = (
+                f"OPENSSL-LISTEN:{port},bind={address},reuseaddr,cert={d}/server-cert.pem,"
+                f"key={d}/server-key.pem,cafile={d}/ca-cert.pem,verify=1"
+            )
         # One connection, handed to xl migrate-receive; -d -d makes socat say when it listens.
         started = await self._sh(
-            'mkdir -p "$(dirname "$3")"; setsid socat -d -d "TCP-LISTEN:$1,bind=$2,reuseaddr" '
-            '"EXEC:xl migrate-receive" > "$3" 2>&1 < /dev/null & echo $!',
-            str(port),
-            address,
+            'mkdir -p "$(dirname "$2")"; setsid socat -d -d "$1" "EXEC:xl migrate-receive" > "$2" 2>&1 < /dev/null '
+            "& echo $!",
+            listen,
             log,
         )
         if not started.ok or not started.stdout.strip().isdigit():
@@ -321,7 +344,9 @@ class XenDriver:
                 raise MigrationError(f"the migration listener did not start: {text.strip()[-300:]}", vm=spec.name)
             await asyncio.sleep(0.1)
         await self._write(self._file(spec.name, "in"), json.dumps({"spec": asdict(spec), "pid": pid, "port": port}))
-        return IncomingVM(spec=spec, uri=f"tcp:{address}:{port}", pid=pid, instance=spec.name, accel=Accel.XEN_PV)
+        hostname = self.config.tls.hostname if params.tls and self.config.tls else None
+        uri = f"tcp:{address}:{port}"
+        return IncomingVM(spec=spec, uri=uri, pid=pid, instance=spec.name, accel=Accel.XEN_PV, tls_hostname=hostname)
 
     async def finish_incoming(self, incoming: IncomingVM) -> VMInfo:
         name = incoming.spec.name
@@ -366,6 +391,15 @@ class XenDriver:
         if scheme != "tcp" or not host or not port.isdigit():
             raise MigrationError(f"the Xen driver migrates over tcp only, not to {destination.uri!r}", vm=name)
         transport = f"socat - TCP:{host}:{port}"
+        if params.tls:
+            d = self._tls(name).directory
+            if not destination.tls_hostname:
+                raise TLSError(f"the destination of {name} was not prepared for TLS", vm=name)
+            # The receiver's certificate must be of the same CA and name the expected host.
+            transport = (
+                f"socat - OPENSSL:{host}:{port},cert={d}/client-cert.pem,key={d}/client-key.pem,"
+                f"cafile={d}/ca-cert.pem,verify=1,commonname={destination.tls_hostname}"
+            )
         started = await self._sh(
             '(xl -v migrate -s "" "$1" "$2"; echo $? > "$3") > "$4" 2>&1 < /dev/null & echo $!',
             name,
@@ -466,7 +500,7 @@ class XenDriver:
             source_pid=int(str(record["domid"])),
             target_pid=incoming.pid,
             transport=params.transport,
-            tls=False,
+            tls=params.tls,
             uri=incoming.uri,
         )
 
