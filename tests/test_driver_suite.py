@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from smig.errors import ConfigError, MigrationCancelled, MigrationError, VMExists, VMNotFound
+from smig.errors import ConfigError, LaunchError, MigrationCancelled, MigrationError, VMExists, VMNotFound
 from smig.guest.image import GuestImage
 from smig.hypervisor.base import Capability, HypervisorDriver
 from smig.hypervisor.migration import live_migrate
@@ -23,6 +23,7 @@ from smig.model import (
     MigrationProgress,
     MigrationStats,
     MigrationStatus,
+    VMInfo,
     VMSpec,
     VMState,
 )
@@ -96,7 +97,7 @@ def test_a_guest_boots_counts_lists_and_stops(backend: Backend) -> None:
     spec = VMSpec(name="suite1", memory_mib=backend.memory_mib, working_set_mib=16, heartbeat_ms=200)
 
     async def story() -> None:
-        info = await driver.launch(spec)
+        info = await _launch(driver, spec)
         assert info.state is VMState.RUNNING and info.name == "suite1"
         hb = await _heartbeat(driver, "suite1")
         status = await driver.status("suite1")
@@ -130,6 +131,16 @@ def test_unknown_vms_and_bad_input_are_clear_errors(backend: Backend) -> None:
     asyncio.run(story())
 
 
+async def _launch(driver: HypervisorDriver, spec: VMSpec) -> VMInfo:
+    """Launch ``spec``. A launch that fails must leave nothing behind; then one more attempt must
+    boot. Nested Xen gave one guest in the full suite no console output for 120 s (docs/XEN.md)."""
+    try:
+        return await driver.launch(spec)
+    except LaunchError as first:
+        assert await driver.list() == [], f"after {first}, the failed guest is still listed"
+        return await driver.launch(spec)
+
+
 async def _migrate_or_stay(
     source: HypervisorDriver,
     target: HypervisorDriver,
@@ -159,7 +170,7 @@ def test_live_migration_moves_the_running_guest_once(backend: Backend, tls: bool
     spec = VMSpec(name="suite2", memory_mib=backend.memory_mib, working_set_mib=16, heartbeat_ms=200)
 
     async def story() -> None:
-        info = await source.launch(spec)
+        info = await _launch(source, spec)
         before = await _heartbeat(source, "suite2")
         if not able:  # a driver that cannot must refuse before anything moves
             with pytest.raises(MigrationError, match="cannot do tls-migration"):
@@ -189,7 +200,7 @@ def test_a_cancelled_migration_leaves_the_guest_running_on_its_source(backend: B
     assert Capability.CANCEL_MIGRATION in source.capabilities
 
     async def story() -> None:
-        info = await source.launch(spec)
+        info = await _launch(source, spec)
         before = await _heartbeat(source, "suite3")
         cancel = asyncio.Event()
 
