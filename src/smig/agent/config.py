@@ -30,6 +30,8 @@ key = "/etc/smig/h1/key.pem"
 signing_key = "/etc/smig/h1/agent-key.pem"   # Ed25519: signs this host's reports on its subjects
 capacity_vcpus = 8
 capacity_memory_mib = 16384
+hypervisor = "qemu"                    # or "xen": PV guests through xl, this agent running in dom0
+role = "host"                          # or "monitor": only measure this host's subjects (see below)
 
 [monitor]
 reference = "/etc/smig/reference/manifest.json"  # the approved reference manifest (signed)
@@ -42,6 +44,16 @@ max_cpu_share = 0.25
 # out-of-band access (BMC, DMA, a TPM-anchored measurement agent).
 subject_netns = "/run/netns/smig-lab-{host}"
 # subject_home = "/var/lib/smig/lab/hosts/{host}"   # instead, where hosts share one network
+# subjects = "xen": each subject is a Xen host whose hypervisor is read from outside it (in the
+# lab, from its outer QEMU) and judged against xen_syms, a file the approved manifest names. Such
+# a monitor runs beside the host, not in its dom0: set role = "monitor" there, and
+# [monitor] enabled = false for the agent in dom0.
+# subjects = "xen"
+# xen_syms = "/etc/smig/reference/xen-syms"
+
+# [xen]                                # hypervisor = "xen": what the guests boot, paths in dom0
+# kernel = "/var/lib/smig/guest/vmlinuz"
+# initrd = "/var/lib/smig/guest/initrd.img"
 
 [migration]
 tls = true                             # migrate over mutual TLS with this agent's certificate
@@ -66,6 +78,8 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "capacity_memory_mib",
             "address",
             "inventory_interval_s",
+            "hypervisor",
+            "role",
         }
     ),
     "monitor": frozenset(
@@ -78,10 +92,13 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "subject_netns",
             "subject_home",
             "enabled",
+            "subjects",
+            "xen_syms",
         }
     ),
     "migration": frozenset({"tls", "bandwidth_mibps", "downtime_ms"}),
     "lab": frozenset({"lie_about", "ignore_orders"}),
+    "xen": frozenset({"kernel", "initrd", "state_dir"}),
 }
 
 
@@ -119,6 +136,13 @@ class AgentConfig:
     # mismatches about these subjects, and an agent that ignores the RC-TCB's orders.
     lie_about: tuple[str, ...] = ()
     ignore_orders: bool = False
+    hypervisor: str = "qemu"  # or "xen"
+    role: str = "host"  # or "monitor": measure the assigned subjects, nothing else
+    subjects: str = "processes"  # or "xen": nested Xen hosts, measured from outside
+    xen_syms: Path | None = None
+    xen_kernel: str = ""
+    xen_initrd: str = ""
+    xen_state_dir: str = ""  # default: HOME/xen
 
     @property
     def orders_url(self) -> str:
@@ -159,6 +183,21 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
     subject_netns = str(monitor.get("subject_netns", "/run/netns/{host}"))
     if "{host}" not in subject_netns:
         raise ConfigError(f"monitor.subject_netns must contain {{host}}, not {subject_netns!r}")
+    xen: dict[str, Any] = data.get("xen", {})
+    hypervisor = str(agent.get("hypervisor", "qemu"))
+    if hypervisor not in ("qemu", "xen"):
+        raise ConfigError(f"agent.hypervisor must be qemu or xen, not {hypervisor!r}")
+    if hypervisor == "xen":
+        _required(xen, "kernel", "xen")
+        _required(xen, "initrd", "xen")
+    role = str(agent.get("role", "host"))
+    if role not in ("host", "monitor"):
+        raise ConfigError(f"agent.role must be host or monitor, not {role!r}")
+    subjects = str(monitor.get("subjects", "processes"))
+    if subjects not in ("processes", "xen"):
+        raise ConfigError(f"monitor.subjects must be processes or xen, not {subjects!r}")
+    if subjects == "xen":
+        _required(monitor, "xen_syms", "monitor")
     subject_home = str(monitor.get("subject_home", ""))
     if subject_home and "{host}" not in subject_home:
         raise ConfigError(f"monitor.subject_home must contain {{host}}, not {subject_home!r}")
@@ -191,6 +230,13 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
         downtime_ms=int(number(migration, "downtime_ms", 300, positive=True)),
         lie_about=tuple(lies),
         ignore_orders=bool(lab.get("ignore_orders", False)),
+        hypervisor=hypervisor,
+        role=role,
+        subjects=subjects,
+        xen_syms=Path(monitor["xen_syms"]) if subjects == "xen" else None,
+        xen_kernel=str(xen.get("kernel", "")),
+        xen_initrd=str(xen.get("initrd", "")),
+        xen_state_dir=str(xen.get("state_dir", "")),
     )
 
 

@@ -65,7 +65,6 @@ from smig.errors import (
     VMNotFound,
     VMStateError,
 )
-from smig.hypervisor import process
 from smig.hypervisor.base import Capability, HypervisorDriver
 from smig.hypervisor.qemu import QemuDriver
 from smig.model import (
@@ -172,7 +171,9 @@ class OrderExecutor:
     in and out runs over TLS, and a QEMU driver must have been built with the same credentials
     (``True``: over TLS with whatever credentials the driver was built with).
     ``bandwidth_mibps``, ``downtime_ms``: as :class:`~smig.model.MigrationParams` (None: the
-    driver's default).
+    driver's default). The waits (``settle_wait_s``, ``abort_grace_s``, ``slot_glance_s``) suit a
+    QEMU answering on its socket within milliseconds; a driver whose every question runs host
+    tools (Xen's ``xl``, slower still in a nested dom0) needs them in seconds.
     Use it as an async context manager, or call :meth:`start` and :meth:`close`.
 
     Raises ConfigError at construction: a driver that lacks a capability this needs, credentials
@@ -191,10 +192,13 @@ class OrderExecutor:
         progress_poll_s: float = 0.05,
         settle_wait_s: float = 0.3,
         abort_grace_s: float = 1.0,
+        slot_glance_s: float = SLOT_GLANCE_S,
         retention_s: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        need = {Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT, Capability.CANCEL_MIGRATION}
+        # Cancelling is not needed: without it a cancel is refused and the migration runs to its
+        # own end, which the RC-TCB's `where` then finds (Xen here: docs/XEN.md).
+        need = {Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT}
         need |= {Capability.TLS_MIGRATION} if tls else set()
         need |= {Capability.BANDWIDTH_LIMIT} if bandwidth_mibps is not None else set()
         missing = need - driver.capabilities
@@ -217,6 +221,7 @@ class OrderExecutor:
         self._progress_poll_s = progress_poll_s
         self._settle_wait_s = settle_wait_s
         self._abort_grace_s = abort_grace_s
+        self._slot_glance_s = slot_glance_s
         self._journal = Journal(state_dir, retention_s, clock)
         self._locks: dict[str, asyncio.Lock] = {}
         self._followers: dict[str, asyncio.Task[None]] = {}
@@ -381,6 +386,10 @@ class OrderExecutor:
             if order is None or order.side is not Side.SOURCE or order.vm != vm_name:
                 return
             order = await self._settle(order)
+            if order.stage is Stage.MIGRATING and Capability.CANCEL_MIGRATION not in self._driver.capabilities:
+                raise HypervisorError(
+                    f"this host's hypervisor cannot cancel a migration: {vm_name}'s runs to its end", vm=vm_name
+                )
             if order.stage is Stage.MIGRATING:
                 try:
                     await self._driver.cancel_migration(vm_name)
@@ -477,7 +486,7 @@ class OrderExecutor:
                     # QEMU takes the migration in on its main loop, which every QMP question
                     # interrupts, and the RC-TCB's `where` settles the slot itself when it asks.
                     target = order.side is Side.TARGET
-                    order = await self._settle(order, slot_wait_s=SLOT_GLANCE_S if target else None)
+                    order = await self._settle(order, slot_wait_s=self._slot_glance_s if target else None)
                     delay = SLOT_POLL_S if target else self._poll_s
                 except SmigError as e:
                     log.warning("%s: order %s: %s; trying again", vm, order_id, e)
@@ -555,19 +564,23 @@ class OrderExecutor:
         except VMNotFound:
             return True
 
-    def _slot_alive(self, incoming: IncomingVM) -> bool:
-        return process.is_ours(incoming.pid, f"/{incoming.instance}/")
+    async def _slot_alive(self, incoming: IncomingVM) -> bool:
+        try:
+            return await self._driver.incoming_alive(incoming)
+        except SmigError as e:
+            log.warning("%s: cannot tell whether its incoming slot lives (%s): taken as alive", incoming.spec.name, e)
+            return True
 
     async def _settle_target(self, order: JournalOrder, wait_s: float) -> JournalOrder:
         """A slot whose QEMU runs the guest has arrived; one whose QEMU exited has failed."""
         incoming = _incoming_of(order)
-        if self._slot_alive(incoming):
+        if await self._slot_alive(incoming):
             try:
                 await asyncio.wait_for(self._driver.finish_incoming(incoming), wait_s)
             except TimeoutError:
                 return order  # still waiting for (or receiving) the migration
             except MigrationError:
-                if self._slot_alive(incoming):
+                if await self._slot_alive(incoming):
                     raise
             else:
                 log.info("%s: arrived here (order %s)", order.vm, order.id)

@@ -58,6 +58,7 @@ class MonitorRunner:
         *,
         manifest_digest: str,
         pids_of: Callable[[str], list[int]],
+        subject_of: Callable[[str], Subject] | None = None,
         refresh_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -65,6 +66,8 @@ class MonitorRunner:
         self.client = client
         self.manifest_digest = manifest_digest
         self.pids_of = pids_of
+        self.subject_of = subject_of
+        self._subjects: dict[str, Subject] = {}
         self.refresh_s = refresh_s
         self.clock = clock
         self.stats = MonitorStats()
@@ -79,6 +82,12 @@ class MonitorRunner:
         return sorted(self._loops)
 
     def subject(self, host: str) -> Subject:
+        if self.subject_of is not None:
+            # Kept: a Xen subject holds its last verdict, so an unchanged hypervisor is not judged again.
+            if host not in self._subjects:
+                self._subjects[host] = self.subject_of(host)
+            return self._subjects[host]
+
         def find() -> list[int]:
             try:
                 return self.pids_of(host)

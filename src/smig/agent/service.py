@@ -27,6 +27,7 @@ from typing import Any
 from cryptography import x509
 
 from smig.agent.config import AgentConfig
+from smig.agent.drivers import executor_waits, make_driver
 from smig.agent.executor import OrderExecutor, migration_tls_dir
 from smig.agent.monitoring import MonitorRunner
 from smig.agent.orders_api import create_orders_app, serve_orders
@@ -36,8 +37,8 @@ from smig.aim.keys import load_private_key, public_key_pem
 from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor
 from smig.aim.schedule import Schedule
+from smig.aim.xen_measure import approved_xen_syms, xen_subject_found
 from smig.errors import ConfigError, SmigError
-from smig.hypervisor.qemu import QemuConfig, QemuDriver
 from smig.model import VMState
 from smig.rctcb.ca import client_ssl_context
 
@@ -59,19 +60,22 @@ class Agent:
             raise ConfigError(f"cannot load the region CA certificate {config.ca}: {e}") from e
         self._signing = load_private_key(config.signing_key)
         tls = None
-        if config.migration_tls:
+        if config.migration_tls and config.role == "host":  # a monitor migrates nothing
             tls = migration_tls_dir(
                 config.cert, config.key, config.ca, config.home / "agent" / "migration-tls", config.listen_host
             )
-        self.driver = QemuDriver(
-            QemuConfig(home=config.home, cache=config.cache, listen_host=config.listen_host, tls=tls)
-        )
+        self.driver = make_driver(config, tls)
+        waits = executor_waits(config)
         self.executor = OrderExecutor(
             self.driver,
             config.home / "agent",
             tls=tls is not None,
             bandwidth_mibps=config.bandwidth_mibps or None,
             downtime_ms=config.downtime_ms,
+            settle_wait_s=waits.settle_wait_s,
+            abort_grace_s=waits.abort_grace_s,
+            slot_glance_s=waits.slot_glance_s,
+            poll_interval_s=waits.poll_interval_s,
         )
         self.client = RctcbClient(config.rctcb, config.host, client_ssl_context(config.cert, config.key, config.ca))
         self.monitors: MonitorRunner | None = None
@@ -82,6 +86,10 @@ class Agent:
     async def run(self, *, ready: Callable[[], None] | None = None) -> None:
         tasks: list[asyncio.Task[object]] = []
         try:
+            if self.config.role == "monitor":
+                # A Xen host's out-of-band monitor: the agent in its dom0 does the rest.
+                await self._run_monitor_role(ready)
+                return
             if self.config.ignore_orders:
                 # The lab's compromised agent: it never takes an order (nothing answers on its
                 # address), so the RC-TCB must fence its VMs out of band.
@@ -134,6 +142,26 @@ class Agent:
             if task is not stopper and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
+    async def _run_monitor_role(self, ready: Callable[[], None] | None) -> None:
+        """Measure the assigned subjects once the host's row exists (the agent in its dom0, or
+        the operator, enrols it); no orders, no inventory, no enrolment of its own."""
+        while True:
+            try:
+                await self.client.row(self.config.host)
+                break
+            except (RctcbUnavailable, RctcbRefused) as e:
+                log.info("waiting for %s's row at the RC-TCB: %s", self.config.host, e)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 1.0)
+                return
+            except TimeoutError:
+                pass
+        self.enrolled.set()
+        self.monitors = self._monitors()
+        if ready is not None:
+            ready()
+        await self.monitors.run(self.stopping)
+
     @staticmethod
     async def _first(waiting: Coroutine[Any, Any, object], task: asyncio.Task[object]) -> None:
         """Wait for ``waiting``, unless ``task`` fails first (the orders server could not bind)."""
@@ -157,11 +185,17 @@ class Agent:
         monitor.lies = frozenset(self.config.lie_about)
         if monitor.lies:
             log.warning("LAB: this monitor lies about %s", ", ".join(sorted(monitor.lies)))
+        subject_of = None
+        if self.config.subjects == "xen":
+            assert self.config.xen_syms is not None
+            syms = approved_xen_syms(manifest, self.config.xen_syms)
+            subject_of = lambda host: xen_subject_found(host, lambda: self.config.hypervisors_of(host), syms)  # noqa: E731
         return MonitorRunner(
             monitor,
             self.client,
             manifest_digest=reference.manifest_digest(manifest),
             pids_of=self.config.hypervisors_of,
+            subject_of=subject_of,
         )
 
     async def _run_monitors(self, monitors: MonitorRunner) -> None:

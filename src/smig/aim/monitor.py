@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from smig.aim.measure import Measurement, Measurer
 from smig.aim.report import SignedReport, sign_report
 from smig.aim.schedule import Schedule, first_delay, next_delay
-from smig.errors import ConfigError
+from smig.errors import ConfigError, SmigError
 from smig.model import Mismatch, Report, Verdict
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,15 @@ class Monitor:
                 except TimeoutError:
                     pass
             began = loop.time()
-            obs = await loop.run_in_executor(self._pool, self.measure_once, subject)
+            try:
+                obs = await loop.run_in_executor(self._pool, self.measure_once, subject)
+            except SmigError as e:
+                # Nothing measured, nothing reported: the RC-TCB sees the subject go stale, and
+                # then UNKNOWN, rather than a verdict this monitor could not back.
+                log.warning("%s: no measurement this round: %s", subject.id, e)
+                done += 1
+                next_start = max(next_start + next_delay(self.schedule, self._rng), loop.time())
+                continue
             done += 1
             result = emit(obs)
             if result is not None:

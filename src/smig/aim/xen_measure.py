@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,13 @@ import blake3
 from smig.aim.hashing import root
 from smig.aim.measure import Measurement
 from smig.aim.monitor import Subject
+from smig.aim.reference import Manifest
+from smig.aim.reference import build as build_manifest
 from smig.aim.xen_judge import TEXT_TARGET, judge_text
 from smig.aim.xen_memory import OuterQemu, PhysicalReader, XenMemoryError, find_ram, parse_cr3
 from smig.aim.xen_syms import XenSyms
-from smig.errors import QMPError
+from smig.aim.xen_syms import load as load_syms
+from smig.errors import ManifestError, QMPError
 from smig.hypervisor import qmp
 from smig.model import HashAlgorithm, Mismatch, TargetDigest, Verdict
 
@@ -124,3 +128,47 @@ def xen_subject(subject_id: str, outer_pid: int, syms: XenSyms) -> Subject:
     Raises XenMemoryError: ``outer_pid`` is not a nested host's outer QEMU."""
     measurer = XenMeasurer(OuterQemu.of(outer_pid), syms)
     return Subject(subject_id, find_pids=lambda: [outer_pid], files=False, measure=measurer.measure)
+
+
+def approved_xen_syms(manifest: Manifest, path: Path) -> XenSyms:
+    """``xen-syms`` at ``path``, only if the approved manifest lists that very file: a monitor
+    judges a Xen host only against the reference the RC-TCB approved for it.
+
+    Raises ManifestError: the manifest does not list it, its bytes differ, or it does not parse."""
+    resolved = path.resolve()
+    want = manifest.files.get(str(resolved))
+    if want is None:
+        raise ManifestError(f"the approved reference manifest does not list {resolved}: build it with that file")
+    have = build_manifest([resolved], algorithm=manifest.algorithm, leaf_size=manifest.leaf_size).files[str(resolved)]
+    if have != want:
+        raise ManifestError(f"{resolved} is not the file the approved reference manifest lists (its digest differs)")
+    return load_syms(resolved)
+
+
+def xen_subject_found(subject_id: str, find_pids: Callable[[], list[int]], syms: XenSyms) -> Subject:
+    """A nested Xen host as a monitor's subject, its outer QEMU found again each round (the host
+    may be restarted, or be fenced). A round that finds none, or cannot read it, raises
+    XenMemoryError: no report is better than a verdict on nothing."""
+    measurers: dict[int, XenMeasurer] = {}
+
+    def find() -> list[int]:
+        return [pid for pid in find_pids() if _is_outer(pid)]
+
+    def measure() -> Measurement:
+        pids = find()
+        if len(pids) != 1:
+            raise XenMemoryError(f"{subject_id} has {len(pids)} outer QEMU processes, not one: nothing to measure")
+        if pids[0] not in measurers:
+            measurers.clear()
+            measurers[pids[0]] = XenMeasurer(OuterQemu.of(pids[0]), syms)
+        return measurers[pids[0]].measure()
+
+    return Subject(subject_id, find_pids=find, files=False, measure=measure)
+
+
+def _is_outer(pid: int) -> bool:
+    try:
+        OuterQemu.of(pid)
+    except XenMemoryError:
+        return False
+    return True

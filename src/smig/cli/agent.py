@@ -42,9 +42,13 @@ def run_command(
         fail(e.message)
 
     def ready() -> None:
+        monitor_only = settings.role == "monitor"
         if json_out:
-            line = {"host": settings.host, "listening": settings.orders_url, "pid": os.getpid()}
+            listening = None if monitor_only else settings.orders_url
+            line = {"host": settings.host, "role": settings.role, "listening": listening, "pid": os.getpid()}
             print(json.dumps(line), flush=True)
+        elif monitor_only:
+            out.print(f"monitor of {settings.host}: measuring its subjects for RC-TCB {settings.rctcb} (no orders)")
         else:
             out.print(f"agent of {settings.host}: orders on {settings.orders_url}, RC-TCB {settings.rctcb}")
 

@@ -91,14 +91,28 @@ def _print_timeline(result: Any) -> None:
 
 
 def demo(
-    hosts: int = typer.Option(4, "--hosts", min=2, max=8, help="Hypervisor hosts in the region."),
+    hosts: int | None = typer.Option(
+        None, "--hosts", min=2, max=8, help="Hypervisor hosts in the region [default: 4; Xen: 2]."
+    ),
     vms_per_host: int = typer.Option(1, "--vms-per-host", min=1, max=4, help="Guests on each host."),
-    attack: str = typer.Option("patch", "--attack", help="patch, patch-lib, anon-exec, swap-binary or preload."),
-    policy: str = typer.Option("quorum", "--policy", help="quorum (two monitors must agree) or immediate."),
-    memory: int = typer.Option(256, "--memory", "-m", help="Guest RAM in MiB."),
-    dirty_mbps: int = typer.Option(10, "--dirty-mbps", help="MiB each guest dirties per second."),
+    attack: str | None = typer.Option(
+        None,
+        "--attack",
+        help="patch (the default), patch-lib, anon-exec, swap-binary or preload; xen-code on Xen (its only one).",
+    ),
+    policy: str | None = typer.Option(
+        None,
+        "--policy",
+        help="quorum (two monitors must agree; needs 3 hosts) or immediate [default: quorum; with 2 hosts: immediate].",
+    ),
+    memory: int | None = typer.Option(None, "--memory", "-m", help="Guest RAM in MiB [default: 256; Xen: 96]."),
+    dirty_mbps: int | None = typer.Option(
+        None, "--dirty-mbps", help="MiB each guest dirties per second [default: 10; Xen: 0]."
+    ),
     interval: float = typer.Option(1.0, "--interval", help="Mean seconds between a monitor's measurements."),
-    timeout: float = typer.Option(300.0, "--timeout", help="Give the evacuation this long."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Give the evacuation this long, in seconds [default: 300; Xen: 900]."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the timeline as JSON to this file."),
     report: Path | None = typer.Option(
         None, "--report", help="Write an HTML report with plots (response time by step, the region before and after)."
@@ -108,11 +122,19 @@ def demo(
     network: str = typer.Option(
         "auto", "--network", help="netns (a namespace per host), loopback (one address each here), or auto."
     ),
+    hypervisor: str = typer.Option(
+        "qemu",
+        "--hypervisor",
+        help="qemu, or xen: nested Xen hosts (the paper's platform), Xen's own code tampered from outside; "
+        "slow under TCG (about 10 minutes).",
+    ),
 ) -> None:
     """Bring up a region (hosts as network namespaces, an agent each, real guests), wait until every
     host is TRUSTED, tamper with one host's hypervisor, and show the RC-TCB finding it and moving
     its VMs live to trusted hosts. Ends with each VM's timeline; --json PATH writes it."""
     from smig.lab.demo import Watch, run_demo, write_json
+
+    xen = hypervisor == "xen"
 
     started = time.monotonic()
     watch = Watch()
@@ -128,16 +150,17 @@ def demo(
         try:
             result = run_demo(
                 name=name,
-                hosts=hosts,
+                hosts=hosts or (2 if xen else 4),
                 vms_per_host=vms_per_host,
-                attack=attack,
-                policy=policy,
-                memory_mib=memory,
-                dirty_mbps=dirty_mbps,
+                attack=attack or ("xen-code" if xen else "patch"),
+                policy=policy or ("immediate" if (hosts or (2 if xen else 4)) < 3 else "quorum"),
+                memory_mib=memory or (96 if xen else 256),
+                dirty_mbps=(0 if xen else 10) if dirty_mbps is None else dirty_mbps,
                 interval_s=interval,
-                timeout_s=timeout,
+                timeout_s=timeout or (900.0 if xen else 300.0),
                 keep=keep,
                 network=network,
+                hypervisor=hypervisor,
                 progress=progress,
                 watch=watch,
             )

@@ -32,7 +32,7 @@ JSON = typer.Option(False, "--json", help="Print JSON on stdout.")
 def up(
     hosts: int = typer.Option(4, "--hosts", min=2, max=16, help="Hypervisor hosts."),
     vms_per_host: int = typer.Option(1, "--vms-per-host", min=0, max=8, help="Guests booted on each host."),
-    memory: int = typer.Option(256, "--memory", "-m", help="Guest RAM in MiB."),
+    memory: int | None = typer.Option(None, "--memory", "-m", help="Guest RAM in MiB [default: 256; Xen: 96]."),
     dirty_mbps: int = typer.Option(0, "--dirty-mbps", help="MiB each guest dirties per second."),
     policy: str = typer.Option("quorum", "--policy", help="quorum (two monitors must agree) or immediate."),
     interval: float = typer.Option(1.0, "--interval", help="Mean seconds between a monitor's measurements."),
@@ -44,12 +44,18 @@ def up(
     network: str = typer.Option(
         "auto", "--network", help="netns (a namespace per host), loopback (one address each here), or auto."
     ),
+    hypervisor: str = typer.Option(
+        "qemu",
+        "--hypervisor",
+        help="qemu (each host runs its guests in QEMU) or xen (each host is a nested Xen host: the agent in "
+        "its dom0, its monitor outside it; slow under TCG, minutes to come up).",
+    ),
     name: str = NAME,
     as_json: bool = JSON,
 ) -> None:
     """Bring a region up and wait until every host is TRUSTED (verified by its neighbours) and every
     guest is in the IVT. On failure, everything made is taken down again."""
-    from smig.lab import region
+    from smig.lab import region, xen_region
 
     started = time.monotonic()
 
@@ -62,12 +68,13 @@ def up(
             name,
             hosts,
             vms_per_host,
-            memory_mib=memory,
+            memory_mib=memory or (xen_region.GUEST_MIB if hypervisor == "xen" else 256),
             dirty_mbps=dirty_mbps,
             policy=policy,
             interval_s=interval,
             link=link,
             network=network,
+            hypervisor=hypervisor,
             progress=progress,
         )
     except SmigError as e:
@@ -113,6 +120,7 @@ def _status(state: Any) -> dict[str, Any]:
         "policy": state.policy,
         "link": state.link,
         "network": state.mode,
+        "hypervisor": state.hypervisor,
         "hosts": hosts,
         "vms": [{"name": v["name"], "host": v["host"]} for v in vms],
         "attacks": state.attacks,
@@ -164,7 +172,9 @@ def status(name: str = NAME, as_json: bool = JSON) -> None:
 def attack(
     host: str = typer.Argument(..., help="The host to attack, e.g. h2."),
     kind: str = typer.Argument(
-        "patch", help="patch, patch-lib, anon-exec, swap-binary, preload, lie (a lying monitor) or ignore-orders."
+        "patch",
+        help="patch, patch-lib, anon-exec, swap-binary, preload, lie (a lying monitor) or ignore-orders; "
+        "in a Xen lab, xen-code (a byte of Xen's own code, from outside the host).",
     ),
     transient_ms: int | None = typer.Option(
         None, "--transient-ms", min=1, help="patch/patch-lib only: restore the bytes after this many ms."

@@ -89,6 +89,11 @@ class HypervisorDriver(Protocol):
         """Roll back :meth:`prepare_incoming`: stop the waiting process, remove its files."""
         ...
 
+    async def incoming_alive(self, incoming: IncomingVM) -> bool:
+        """Whether the slot still waits for, receives, or has received its VM; False once the
+        receiving side gave up (the migration into it failed or was cancelled)."""
+        ...
+
     # -- source side ---------------------------------------------------------------------
 
     async def start_migration(self, name: str, destination: IncomingVM, params: MigrationParams) -> None:

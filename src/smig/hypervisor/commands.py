@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +55,7 @@ class LocalRunner:
                 stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # a timeout ends what the command started, not only it
             )
         except FileNotFoundError:
             return CommandResult(args, NOT_FOUND, "", f"{args[0]}: not found")
@@ -61,7 +64,7 @@ class LocalRunner:
             out, err = await asyncio.wait_for(proc.communicate(data), timeout_s)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             return CommandResult(args, TIMED_OUT, "", f"timed out after {timeout_s:g} s")
         assert proc.returncode is not None

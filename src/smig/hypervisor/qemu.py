@@ -414,6 +414,10 @@ class QemuDriver:
             instance=incoming.instance,
         )
 
+    async def incoming_alive(self, incoming: IncomingVM) -> bool:
+        # The destination QEMU is the slot: it waits, receives, then runs the guest.
+        return process.is_ours(incoming.pid, f"/{incoming.instance}/")
+
     async def abort_incoming(self, incoming: IncomingVM) -> None:
         await self._kill_instance(incoming.spec.name, incoming.instance, incoming.pid)
         vm_dir = self._files.vm_dir(incoming.spec.name)

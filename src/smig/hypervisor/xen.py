@@ -248,7 +248,13 @@ class XenDriver:
         created = await self._run("xl", "create", cfg)
         if not created.ok:
             await self._sh('rm -f "$1"', cfg)
-            raise LaunchError(f"xl create {spec.name} failed: {created.why()}", vm=spec.name)
+            # xl says little on its own stderr; libxl's log of the domain says why.
+            detail = await self._run("tail", "-n", "3", f"/var/log/xen/xl-{spec.name}.log")
+            raise LaunchError(
+                f"xl create {spec.name} failed (exit {created.rc}): {created.why()}"
+                + (f"; libxl: {detail.why()}" if detail.ok and detail.stdout.strip() else ""),
+                vm=spec.name,
+            )
         domain = (await self._domains()).get(spec.name)
         if domain is None:
             raise LaunchError(f"xl created {spec.name}, and then it was gone", vm=spec.name)
@@ -362,12 +368,26 @@ class XenDriver:
             await asyncio.sleep(self.config.poll_s)
         # xenconsoled named the log when it attached, while xl still called the domain NAME--incoming.
         console = _console_log(f"{name}{INCOMING_SUFFIX}")
-        record = {"spec": asdict(incoming.spec), "domid": domain.domid, "console": console}
+        record = {"spec": asdict(incoming.spec), "domid": domain.domid, "console": console, "received_by": incoming.pid}
         await self._write(self._file(name, "json"), json.dumps(record))
         await self._sh('rm -f "$1" "$1.log"', self._file(name, "in"))
         if await self._wait_heartbeat(name, console) is None:
             raise MigrationError(f"{name} arrived but its guest gives no heartbeat here", vm=name)
         return self._info(incoming.spec, domain)
+
+    async def incoming_alive(self, incoming: IncomingVM) -> bool:
+        # The listener exits once xl migrate-receive is done: then the slot lives on as the
+        # received domain, which holds the VM's name and is not this driver's own source.
+        if (await self._run("kill", "-0", str(incoming.pid))).ok:
+            return True
+        name = incoming.spec.name
+        domain = (await self._domains()).get(name)
+        if domain is None:
+            return False
+        record = await self._read_json(self._file(name, "json"))
+        if record is None or record.get("received_by") == incoming.pid:
+            return True
+        return record.get("domid") != domain.domid  # else it is the source, still here (one host)
 
     async def abort_incoming(self, incoming: IncomingVM) -> None:
         name = incoming.spec.name

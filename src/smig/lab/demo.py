@@ -24,9 +24,10 @@ from typing import Any
 
 from smig.agent.rctcb_client import read_events
 from smig.hypervisor import heartbeat
-from smig.lab import region
+from smig.lab import region, xen_region
 from smig.lab.host_attacks import attack_host
 from smig.lab.region import LabState
+from smig.lab.xen_host import Dom0Channel
 
 HEARTBEAT_PERIOD_MS = 100
 
@@ -95,14 +96,39 @@ def _beats(state: LabState, vms: list[str], instances: _Instances) -> list[tuple
     return [(vm, current_beat(state, vm, instances)) for vm in vms]
 
 
+async def _xen_beats(vms: list[str], channels: dict[str, Dom0Channel]) -> list[tuple[str, Beat | None]]:
+    """Each VM's last heartbeat as the dom0s' console logs hold it, from the host that has the
+    highest counter (a source's log stops where the target's goes on)."""
+    found = await asyncio.gather(*(xen_region.heartbeats(ch) for ch in channels.values()), return_exceptions=True)
+    best: dict[str, Beat] = {}
+    now = time.time()
+    for host, beats in zip(channels, found, strict=True):
+        if isinstance(beats, BaseException):
+            continue
+        for vm, hb in beats.items():
+            if vm in vms and (vm not in best or hb.counter > best[vm].counter):
+                best[vm] = Beat(now, hb.counter, hb.boot_id, host)
+    return [(vm, best.get(vm)) for vm in vms]
+
+
 async def _sample(state: LabState, vms: list[str], watch: Watch, stop: asyncio.Event) -> None:
     instances = _Instances()
-    while not stop.is_set():
-        for vm, beat in await asyncio.to_thread(_beats, state, vms, instances):
-            seen = watch.beats.setdefault(vm, [])
-            if beat is not None and (not seen or beat.counter != seen[-1].counter):
-                seen.append(beat)
-        await asyncio.sleep(0.02)
+    channels = {h: xen_region.channel(state, h) for h in state.hosts} if state.hypervisor == "xen" else {}
+    try:
+        while not stop.is_set():
+            if channels:
+                # Through each dom0's exec channel: coarser than the files QEMU guests leave here.
+                sampled = await _xen_beats(vms, channels)
+            else:
+                sampled = await asyncio.to_thread(_beats, state, vms, instances)
+            for vm, beat in sampled:
+                seen = watch.beats.setdefault(vm, [])
+                if beat is not None and (not seen or beat.counter != seen[-1].counter):
+                    seen.append(beat)
+            await asyncio.sleep(0.25 if channels else 0.02)
+    finally:
+        for ch in channels.values():
+            await ch.close()
 
 
 async def _follow(state: LabState, watch: Watch, stop: asyncio.Event) -> None:
@@ -290,6 +316,7 @@ def run_demo(
     watch: Watch,
     network: str = "auto",
     only_attacked_runs_vms: bool = False,
+    hypervisor: str = "qemu",
 ) -> DemoResult:
     """Bring the lab up, tamper with its first host, follow the evacuation; take the lab down
     again unless ``keep``. With ``only_attacked_runs_vms`` the guests all boot on the host that
@@ -305,6 +332,7 @@ def run_demo(
         interval_s=interval_s,
         vm_hosts=["h1"] if only_attacked_runs_vms else None,
         network=network,
+        hypervisor=hypervisor,
         progress=progress,
     )
     up_s = time.monotonic() - started
@@ -319,11 +347,7 @@ def run_demo(
             if completed and all(c is not None for c in completed)
             else None
         )
-        after = {}
-        for vm in state.vms:
-            beat = current_beat(state, vm)
-            if beat is not None:
-                after[vm] = beat.host
+        after = {vm: beat.host for vm, beat in _last_beats(state) if beat is not None}
         return DemoResult(
             placement_before=dict(state.vms),
             placement_after=after,
@@ -339,6 +363,22 @@ def run_demo(
     finally:
         if not keep:
             region.down(name)
+
+
+def _last_beats(state: LabState) -> list[tuple[str, Beat | None]]:
+    vms = sorted(state.vms)
+    if state.hypervisor != "xen":
+        return [(vm, current_beat(state, vm)) for vm in vms]
+
+    async def sample() -> list[tuple[str, Beat | None]]:
+        channels = {h: xen_region.channel(state, h) for h in state.hosts}
+        try:
+            return await _xen_beats(vms, channels)
+        finally:
+            for ch in channels.values():
+                await ch.close()
+
+    return asyncio.run(sample())
 
 
 def write_json(result: DemoResult, path: Path) -> None:

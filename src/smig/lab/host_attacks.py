@@ -17,6 +17,8 @@ kind                    what changes on the host
 ``lie``                 the host's agent, restarted as a monitor that reports false
                         mismatches about every subject it measures
 ``ignore-orders``       the host's agent, restarted to ignore the RC-TCB's orders
+``xen-code``            (a Xen lab's only kind) one byte of Xen's code, written from outside
+                        the nested host into its outer QEMU's memory
 ======================  ==============================================================
 
 ``transient_ms`` makes ``patch``/``patch-lib`` restore themselves after that long.
@@ -24,6 +26,7 @@ kind                    what changes on the host
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import shutil
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smig.errors import AttackError
-from smig.lab import attacks, net
+from smig.lab import attacks, net, xen_attacks, xen_region
 from smig.lab.bare import BARE_ARGS, DEFAULT_BINARY, FIRMWARE_DIRS
 
 if TYPE_CHECKING:
@@ -99,8 +102,12 @@ def attack_host(state: LabState, host: str, kind: str, *, transient_ms: int | No
     """Apply ``kind`` to ``host``; the record says what :func:`heal_record` needs. Raises AttackError."""
     if host not in state.hosts:
         raise AttackError(f"no host {host!r} in lab {state.lab!r} (hosts: {', '.join(state.hosts)})")
+    if state.hypervisor == "xen":
+        if kind != xen_attacks.KIND:
+            raise AttackError(f"a Xen lab knows one attack, {xen_attacks.KIND}, not {kind!r}")
+        return asyncio.run(xen_attacks.xen_code(_victim(state, host), xen_region.images()[0].xen_syms))
     if kind not in KINDS:
-        raise AttackError(f"unknown attack {kind!r}; the lab knows {', '.join(KINDS)}")
+        raise AttackError(f"unknown attack {kind!r}; the lab knows {', '.join(KINDS)} ({xen_attacks.KIND} on Xen)")
     if transient_ms is not None and kind not in ("patch", "patch-lib"):
         raise AttackError("--transient-ms applies to patch and patch-lib only")
     if kind in ("patch", "patch-lib"):

@@ -35,7 +35,13 @@ def make_credentials(state: LabState) -> None:
         save_private_key(generate_key(), home / "agent-key.pem")
     ref = state.path / "reference"
     key = generate_key()
-    manifest = reference.build([*reference.installed_qemu_files(), *reference.agent_files()])
+    if state.hypervisor == "xen":
+        from smig.lab import xen_region
+
+        files = xen_region.reference_files()
+    else:
+        files = [*reference.installed_qemu_files(), *reference.agent_files()]
+    manifest = reference.build(files)
     reference.save(reference.sign(manifest, key), ref / "manifest.json")
     (ref / "key.pub").write_bytes(public_key_pem(key))
     state.manifest = reference.manifest_digest(manifest)
@@ -58,9 +64,16 @@ freshness_s = {max(10.0, 6 * state.interval_s)}
 
 [agents]
 {_fencing(state)}
-call_timeout_s = 30.0
-completion_timeout_floor_s = 60.0
+{_timeouts(state)}
 """
+
+
+def _timeouts(state: LabState) -> str:
+    if state.hypervisor == "xen":
+        # An agent in a nested dom0 answers slowly (TCG), and xl moves a guest between two
+        # nested hosts in a minute or more.
+        return "call_timeout_s = 90.0\ncompletion_timeout_floor_s = 600.0"
+    return "call_timeout_s = 30.0\ncompletion_timeout_floor_s = 60.0"
 
 
 def _fencing(state: LabState) -> str:

@@ -44,7 +44,7 @@ from smig.aim import procfs
 from smig.aim.keys import load_private_key, public_key_pem
 from smig.errors import ConfigError, SmigError
 from smig.hypervisor import process
-from smig.lab import net
+from smig.lab import net, xen_region
 from smig.lab.inside import run_inside
 from smig.lab.lab_config import AGENT_PORT, RCTCB_PORT, agent_config, make_credentials, rctcb_config
 from smig.paths import smig_cache, smig_home
@@ -79,6 +79,7 @@ class LabState:
     created_at: float = 0.0
     manifest: str = ""
     mode: str = "netns"  # or "loopback": no namespaces, hosts told apart by address and directory
+    hypervisor: str = "qemu"  # or "xen": nested Xen hosts (smig.lab.xen_region)
 
     @property
     def loopback(self) -> bool:
@@ -184,6 +185,7 @@ async def _wait_rctcb(state: LabState, timeout_s: float) -> None:
 
 
 async def _enrol_all(state: LabState) -> None:
+    xen = state.hypervisor == "xen"
     async with operator_client(state) as op:
         for host, node in state.network.hosts.items():
             key = public_key_pem(_agent_key(state, host)).decode()
@@ -191,7 +193,7 @@ async def _enrol_all(state: LabState) -> None:
                 "host": host,
                 "agent_key": key,
                 "manifest": state.manifest,
-                "capacity": {"vcpus": 4, "memory_mib": 4096},
+                "capacity": {"vcpus": 4, "memory_mib": xen_region.GUEST_CAPACITY_MIB if xen else 4096},
                 "region": f"lab-{state.lab}",
                 "address": f"https://{node.address}:{AGENT_PORT}",
                 "vouched": True,  # freshly set up from the approved reference: the region's first hosts
@@ -247,12 +249,19 @@ def up(
     vm_hosts: Sequence[str] | None = None,
     network: str | None = None,
     ready_timeout_s: float = 240.0,
+    hypervisor: str = "qemu",
     progress: Callable[[str], None] = lambda _: None,
 ) -> LabState:
     """Bring a lab up and wait until it is ready; on any failure, take down what was made.
 
-    ``vm_hosts`` limits the guests to those hosts (default: every host). Raises LabStateError,
-    ConfigError, LabError, LaunchError."""
+    ``vm_hosts`` limits the guests to those hosts (default: every host). ``hypervisor="xen"``:
+    the hosts are nested Xen hosts (:mod:`smig.lab.xen_region`). Raises LabStateError,
+    ConfigError, LabError, LaunchError, ImageError."""
+    if hypervisor not in ("qemu", "xen"):
+        raise ConfigError(f"--hypervisor must be qemu or xen, not {hypervisor!r}")
+    if hypervisor == "xen":
+        xen_region.python_ok()
+        xen_region.images()  # both built by the setup, or a clear error before anything starts
     if hosts < 2:
         raise ConfigError("a region needs at least 2 hosts: each is measured by its neighbours")
     if policy not in ("quorum", "immediate"):
@@ -263,12 +272,17 @@ def up(
     if lab in net.list_labs() or (directory / STATE).exists():
         raise LabStateError(f"lab {lab!r} is up already (or was not taken down): run `smig lab down --name {lab}`")
     mode = _network_mode(network or os.environ.get(NETWORK_ENV, "auto"), progress)
+    if mode == "loopback" and hypervisor == "xen":
+        raise ConfigError("nested Xen hosts need network namespaces: their dom0s sit on the lab's bridge")
     if mode == "loopback" and link_model is not None:
         raise ConfigError("--link needs network namespaces (a tc rate limit on loopback would slow this whole machine)")
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     subnet = LOOPBACK_SUBNET if mode == "loopback" else net.DEFAULT_SUBNET
-    state = LabState(lab, str(directory), names, subnet, policy, interval_s, link, created_at=time.time(), mode=mode)
+    state = LabState(
+        lab, str(directory), names, subnet, policy, interval_s, link, created_at=time.time(), mode=mode,
+        hypervisor=hypervisor,
+    )  # fmt: skip
     try:
         if state.loopback:
             progress(f"network: loopback, the RC-TCB on {state.network.rctcb.address} and a host on each next address")
@@ -284,30 +298,87 @@ def up(
         (directory / "rctcb.toml").write_text(rctcb_config(state))
         start_rctcb(state)
         state.save()
-        progress("RC-TCB starting; enrolling the hosts")
+        progress("RC-TCB starting")
 
         async def enrol() -> None:
             await _wait_rctcb(state, 30)
             await _enrol_all(state)
 
-        inside(state, enrol)
-        for host in names:
-            start_agent(state, host)
-        state.save()
         targets = list(vm_hosts) if vm_hosts is not None else names
         wanted = [(h, f"{h}-vm{i}") for h in targets for i in range(1, vms_per_host + 1)]
-        if wanted:
-            progress(f"booting {len(wanted)} guests ({memory_mib} MiB, dirtying {dirty_mbps} MiB/s)")
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            booted = pool.map(lambda hv: launch_vm(state, hv[0], hv[1], memory_mib, dirty_mbps), wanted)
-            for (host, _), vm in zip(wanted, booted, strict=True):
-                state.vms[vm] = host
+        if hypervisor == "xen":
+            _up_xen_hosts(state, wanted, memory_mib, dirty_mbps, progress, lambda: inside(state, enrol))
+        else:
+            progress("enrolling the hosts")
+            inside(state, enrol)
+            for host in names:
+                start_agent(state, host)
+            state.save()
+            if wanted:
+                progress(f"booting {len(wanted)} guests ({memory_mib} MiB, dirtying {dirty_mbps} MiB/s)")
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                booted = pool.map(lambda hv: launch_vm(state, hv[0], hv[1], memory_mib, dirty_mbps), wanted)
+                for (host, _), vm in zip(wanted, booted, strict=True):
+                    state.vms[vm] = host
         state.save()
-        inside(state, lambda: wait_ready(state, ready_timeout_s, progress))
+        timeout_s = ready_timeout_s if hypervisor == "qemu" else max(ready_timeout_s, 600.0)
+        try:
+            inside(state, lambda: wait_ready(state, timeout_s, progress))
+        except LabStateError as e:
+            if hypervisor == "xen":
+                tails = {h: asyncio.run(xen_region.dom0_log(state, h, 8)) for h in names}
+                raise LabStateError(f"{e}; the agents in dom0 said: {tails}") from e
+            raise
         return state
     except BaseException:
         down(lab)
         raise
+
+
+def _up_xen_hosts(
+    state: LabState,
+    wanted: list[tuple[str, str]],
+    memory_mib: int,
+    dirty_mbps: int,
+    progress: Callable[[str], None],
+    enrol: Callable[[], None],
+) -> None:
+    """Boot the nested Xen hosts, enrol them, start the agent in each dom0 and each host's monitor
+    beside it, then the guests (see :mod:`smig.lab.xen_region`). Enrolled only once booted: a
+    host enrolled earlier would go UNKNOWN, unmeasured, while it boots, and an UNKNOWN host
+    measures no one."""
+    for host in state.hosts:  # shared with dom0 from its boot on
+        xen_region.write_dom0_files(state, host, xen_region.dom0_agent_config(state, host))
+    for name, pid in asyncio.run(xen_region.boot_hosts(state, progress)).items():
+        state.pids[f"xen-{name}"] = pid
+    state.save()
+    progress("enrolling the hosts")
+    enrol()
+    progress("starting the agent in each dom0 (importing SMIG under TCG takes about a minute) and each host's monitor")
+    agents = {}
+    for host in state.hosts:
+        agents[host] = asyncio.run(xen_region.start_dom0_agent(state, host))
+        home = state.host_home(host)
+        (home / "monitor.toml").write_text(xen_region.monitor_config(state, host))
+        state.pids[f"monitor-{host}"] = _spawn(
+            state.netns_of(state.network.hosts[host]),
+            _smig("agent", "run", "--config", str(home / "monitor.toml")),
+            state.path / f"monitor-{host}.log",
+            {"SMIG_HOME": str(home), "SMIG_CACHE": str(smig_cache())},
+        )
+    state.save()
+
+    async def agents_ready() -> None:
+        await asyncio.gather(*(xen_region.wait_dom0_agent(state, h, pid) for h, pid in agents.items()))
+
+    # Before the guests: an agent starting while its dom0 builds domains takes minutes, not one.
+    asyncio.run(agents_ready())
+    progress("the agents in dom0 are up")
+    if wanted:
+        progress(f"booting {len(wanted)} Xen PV guests ({memory_mib} MiB, dirtying {dirty_mbps} MiB/s)")
+        asyncio.run(xen_region.launch_vms(state, wanted, memory_mib, dirty_mbps))
+        for host, vm in wanted:
+            state.vms[vm] = host
 
 
 def _network_mode(asked: str, progress: Callable[[str], None]) -> str:

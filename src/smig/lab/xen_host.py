@@ -1,7 +1,7 @@
 """A nested Xen host: the Xen host image booted in an outer QEMU, and the lab's way into its dom0.
 
 The outer QEMU always runs under TCG: Xen needs ``-cpu max,-smap,-smep`` there (dom0 faults
-otherwise), and this machine's KVM cannot run a nested hypervisor. dom0 is ready about 30 s
+otherwise; see :data:`CPU`), and this machine's KVM cannot run a nested hypervisor. dom0 is ready about 30 s
 after the start. The lab reaches dom0 only through :class:`Dom0Channel`, a virtio-serial port
 whose outer end is a Unix socket in the host's directory: nothing listens on any network.
 
@@ -18,6 +18,7 @@ import itertools
 import json
 import re
 import socket
+import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ from smig.lab.xen_image import XenHostImage
 QEMU = "qemu-system-x86_64"
 READY_RE = re.compile(r"smig-dom0: ready (\S+) xen (\S+)")
 BOOT_TIMEOUT_S = 180.0
+# -smap,-smep: dom0 page-faults under TCG without. -avx,-avx2: dom0's programs (glibc's AVX2
+# string functions, Python) crashed, spun or computed wrong bytes now and then with them, under
+# load (a segfaulting python3, a `cat` of two small files spinning for minutes, `grep: program
+# error`); QEMU 7.2 was the first to emulate AVX under TCG. Xen and dom0 need neither.
+CPU = "max,-smap,-smep,-avx,-avx2"
 EXEC_PORT = "smig.exec"
 # QEMU splits -initrd at commas and -drive options at commas: a path holding one cannot be passed.
 _UNSAFE = re.compile(r"[,\s]")
@@ -104,7 +110,7 @@ def outer_argv(image: XenHostImage, spec: XenHostSpec) -> list[str]:
     argv = [
         QEMU,
         "-name", spec.marker,
-        "-machine", "q35", "-accel", "tcg", "-cpu", "max,-smap,-smep",
+        "-machine", "q35", "-accel", "tcg", "-cpu", CPU,
         "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
         "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{_safe(spec.console)}",
@@ -262,16 +268,18 @@ async def boot(
     argv = outer_argv(image, spec)
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
+    # Not an asyncio child: the host outlives the event loop that booted it (a lab boots its
+    # hosts in one loop and drives them from others).
     with (spec.directory / "qemu.log").open("ab") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
+        proc = subprocess.Popen(  # noqa: ASYNC220 (a fork, not a wait)
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
         )
     host = XenHost(spec, proc.pid)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     try:
         while True:
-            if proc.returncode is not None or not process.alive(proc.pid):
+            if proc.poll() is not None or not process.alive(proc.pid):
                 raise LaunchError(f"the outer QEMU of Xen host {spec.name} exited: {_tail(spec)}", host=spec.name)
             found = ready_line(_read(spec.console))
             if found is not None:

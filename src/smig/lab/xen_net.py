@@ -33,6 +33,12 @@ def attach_nested_host(node: Node) -> str:
     return TAP
 
 
+def add_monitor_address(node: Node, address: str) -> None:
+    """Give ``node``'s namespace a second address on its bridge: where the host's monitor, which
+    runs outside the nested host, reaches the RC-TCB from. Raises LabError."""
+    _ip(node.netns, f"addr add {address}/{node.prefixlen} dev {BRIDGE}", what=f"cannot give {node.name} {address}")
+
+
 def mac_of(node: Node) -> str:
     """A MAC unique in the lab (the hosts' dom0s share one segment)."""
     return f"52:54:00:5e:{node.index >> 8:02x}:{node.index & 0xFF:02x}"

@@ -1,0 +1,58 @@
+"""The hypervisor driver an agent drives, as its configuration names it (``[agent] hypervisor``).
+
+QEMU: the agent runs on the host and the driver starts QEMU processes in the agent's home. Xen:
+the agent runs in dom0 and the driver runs ``xl`` there, locally; Xen has no migration
+credentials here (TCG corrupts dom0's TLS in the lab: docs/XEN.md), so TLS is refused at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smig.agent.config import AgentConfig
+from smig.errors import ConfigError
+from smig.hypervisor.base import HypervisorDriver
+from smig.hypervisor.commands import LocalRunner
+from smig.hypervisor.qemu import QemuConfig, QemuDriver
+from smig.hypervisor.xen import XenConfig, XenDriver
+from smig.model import TLSConfig
+
+__all__ = ["ExecutorWaits", "executor_waits", "make_driver"]
+
+
+def make_driver(config: AgentConfig, tls: TLSConfig | None) -> HypervisorDriver:
+    """Raises ConfigError: a combination this agent cannot run."""
+    if config.hypervisor == "xen":
+        if tls is not None:
+            raise ConfigError(
+                "[migration] tls = true is not supported with hypervisor = xen yet: "
+                "set tls = false (migrations then run in the clear on the hosts' network)"
+            )
+        return XenDriver(
+            LocalRunner(),
+            XenConfig(
+                kernel=config.xen_kernel,
+                initrd=config.xen_initrd,
+                state_dir=config.xen_state_dir or str(config.home / "xen"),
+                migration_address=config.listen_host,
+            ),
+        )
+    return QemuDriver(QemuConfig(home=config.home, cache=config.cache, listen_host=config.listen_host, tls=tls))
+
+
+@dataclass(frozen=True)
+class ExecutorWaits:
+    """How long the order executor gives the driver to answer (see OrderExecutor)."""
+
+    settle_wait_s: float = 0.3
+    abort_grace_s: float = 1.0
+    slot_glance_s: float = 0.1
+    poll_interval_s: float = 0.2
+
+
+def executor_waits(config: AgentConfig) -> ExecutorWaits:
+    """Xen's driver asks ``xl`` and the shell several times per answer: a fraction of a second on
+    a real dom0, seconds in a nested one under TCG."""
+    if config.hypervisor == "xen":
+        return ExecutorWaits(settle_wait_s=15.0, abort_grace_s=15.0, slot_glance_s=10.0, poll_interval_s=1.0)
+    return ExecutorWaits()
