@@ -42,7 +42,7 @@ def test_outer_argv_boots_xen_with_dom0_as_its_module() -> None:
     shares = ((Path("/src"), "/src"),)
     spec = XenHostSpec("h1", Path("/run/x/h1"), ip="10.77.0.2/24", gateway="10.77.0.1", shares=shares)
     argv = outer_argv(IMAGE, spec)
-    assert _value(argv, "-cpu") == "max,-smap,-smep,-avx,-avx2"  # see xen_host.CPU
+    assert _value(argv, "-cpu") == "max,-smap,-smep,-xsave,-avx,-avx2"  # see xen_host.CPU
     assert _value(argv, "-accel") == "tcg"
     assert _value(argv, "-kernel") == "/c/xen.elf"
     kernel_and_args, initrd = _value(argv, "-initrd").split(",")

@@ -30,6 +30,9 @@ from smig.errors import ManifestError, QMPError
 from smig.hypervisor import qmp
 from smig.model import HashAlgorithm, Mismatch, TargetDigest, Verdict
 
+TRANSLATE_ATTEMPTS = 5
+RETRY_S = 0.05
+
 
 @dataclass(frozen=True)
 class XenMeasurement:
@@ -56,20 +59,34 @@ async def measure_xen(
 ) -> XenMeasurement:
     """Measure the Xen of the nested host whose outer QEMU is ``pid``.
 
-    A host whose code cannot be read or translated is a mismatch, not an error: hiding from the
-    monitor must not look like a pass. Raises XenMemoryError only when the outer QEMU itself is
-    gone (the host is down, which the caller judges by other means).
+    A host whose code cannot be read or translated, ``TRANSLATE_ATTEMPTS`` times in a row, is a
+    mismatch, not an error: hiding from the monitor must not look like a pass. (One failed walk is
+    not: the page tables a CR3 named may be freed before they are walked.) Raises XenMemoryError
+    only when the outer QEMU itself is gone (the host is down, which the caller judges by other
+    means).
     """
     t0 = time.perf_counter()
     ram = find_ram(pid, memory_mib)
-    cr3 = await read_cr3(qmp_socket)
     text = syms.text
+    failure: XenMemoryError | None = None
     with PhysicalReader(ram) as reader:
-        try:
-            phys = reader.translate(cr3, text.addr)
-            now = reader.read_virtual(cr3, text.addr, text.size)
-        except XenMemoryError as e:
-            hidden = Mismatch(TEXT_TARGET, 0, text.size, f"Xen's code cannot be read at its address: {e}")
+        # The CR3 read is of one instant; the walk comes after it. A dom0 process that exits in
+        # between frees the page tables CR3 named, and the walk then reads whatever reuses them.
+        # So a walk counts only if a second CR3, read after it, finds the code at the same place.
+        for _ in range(TRANSLATE_ATTEMPTS):
+            try:
+                cr3 = await read_cr3(qmp_socket)
+                phys = reader.translate(cr3, text.addr)
+                now = reader.read_virtual(cr3, text.addr, text.size)
+                if reader.translate(await read_cr3(qmp_socket), text.addr) == phys:
+                    failure = None
+                    break
+                failure = XenMemoryError("its address translated to two places in two readings")
+            except XenMemoryError as e:
+                failure = e
+            await asyncio.sleep(RETRY_S)
+        if failure is not None:
+            hidden = Mismatch(TEXT_TARGET, 0, text.size, f"Xen's code cannot be read at its address: {failure}")
             elapsed = (time.perf_counter() - t0) * 1000
             return XenMeasurement(Verdict.MISMATCH, (), (hidden,), 0, elapsed, -1)
     digest = TargetDigest(f"xen:{syms.build_id}:.text@{text.addr:#x}+{text.size:#x}", blake3.blake3(now).hexdigest())

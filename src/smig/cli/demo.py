@@ -92,7 +92,7 @@ def _print_timeline(result: Any) -> None:
 
 def demo(
     hosts: int | None = typer.Option(
-        None, "--hosts", min=2, max=8, help="Hypervisor hosts in the region [default: 4; Xen: 2]."
+        None, "--hosts", min=2, max=8, help="Hypervisor hosts in the region [default: 4; Xen: 3]."
     ),
     vms_per_host: int = typer.Option(1, "--vms-per-host", min=1, max=4, help="Guests on each host."),
     attack: str | None = typer.Option(
@@ -150,10 +150,10 @@ def demo(
         try:
             result = run_demo(
                 name=name,
-                hosts=hosts or (2 if xen else 4),
+                hosts=hosts or (3 if xen else 4),
                 vms_per_host=vms_per_host,
                 attack=attack or ("xen-code" if xen else "patch"),
-                policy=policy or ("immediate" if (hosts or (2 if xen else 4)) < 3 else "quorum"),
+                policy=policy or ("immediate" if (hosts or 3) < 3 else "quorum"),
                 memory_mib=memory or (96 if xen else 256),
                 dirty_mbps=(0 if xen else 10) if dirty_mbps is None else dirty_mbps,
                 interval_s=interval,

@@ -280,6 +280,11 @@ async def _evacuation(
     ]
     try:
         await asyncio.sleep(settle_s)  # heartbeats before the tamper
+        # Every guest seen beating first (a Xen lab's first samples come through slow dom0s).
+        for _ in range(480):  # 120 s at most
+            if all(watch.beats.get(vm) for vm in vms):
+                break
+            await asyncio.sleep(0.25)
         tamper_at = time.time()
         record = await asyncio.to_thread(attack_host, state, attacked, attack)
         state.attacks.append({**record.to_json(), "host": attacked})
@@ -291,6 +296,11 @@ async def _evacuation(
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # heartbeats after the landing
+        ended = time.time()
+        for _ in range(240):  # and one sampled after it, at most 60 s on (a Xen lab samples slowly)
+            if all(watch.beats.get(vm) and watch.beats[vm][-1].at > ended for vm in moving):
+                break
+            await asyncio.sleep(0.25)
         entries = await _audit(state)
     finally:
         stop.set()

@@ -16,7 +16,7 @@ from smig.rctcb.ca import Role, init_ca, issue_identity
 if TYPE_CHECKING:
     from smig.lab.region import LabState
 
-__all__ = ["AGENT_PORT", "RCTCB_PORT", "agent_config", "make_credentials", "rctcb_config"]
+__all__ = ["AGENT_PORT", "RCTCB_PORT", "agent_config", "agent_head", "make_credentials", "rctcb_config"]
 
 RCTCB_PORT = 8443
 AGENT_PORT = 7443
@@ -60,7 +60,7 @@ manifest = "{state.manifest}"
 
 [policy]
 kind = "{state.policy}"
-freshness_s = {max(10.0, 6 * state.interval_s)}
+freshness_s = {max(20.0 if state.hypervisor == "xen" else 10.0, 6 * state.interval_s)}
 
 [agents]
 {_fencing(state)}
@@ -88,22 +88,30 @@ def _subjects(state: LabState) -> str:
     return f'subject_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"'
 
 
-def agent_config(state: LabState, host: str, *, lie_about: Sequence[str] = (), ignore_orders: bool = False) -> str:
+def agent_head(state: LabState, host: str, listen: str) -> str:
+    """The ``[agent]`` lines every part acting for ``host`` on the lab machine shares: who it is,
+    where the RC-TCB is, its credentials."""
     ca = state.path / "ca"
-    node = state.network.hosts[host]
     home = state.host_home(host)
     return f"""[agent]
 host = "{host}"
 region = "lab-{state.lab}"
 rctcb = "{state.rctcb_url}"
-listen = "{node.address}:{AGENT_PORT}"
+listen = "{listen}"
 home = "{home}"
 cache = "{smig_cache()}"
 ca = "{ca / "ca.pem"}"
 cert = "{ca / "issued" / host / "cert.pem"}"
 key = "{ca / "issued" / host / "key.pem"}"
 signing_key = "{home / "agent-key.pem"}"
-capacity_vcpus = 4
+"""
+
+
+def agent_config(state: LabState, host: str, *, lie_about: Sequence[str] = (), ignore_orders: bool = False) -> str:
+    node = state.network.hosts[host]
+    return (
+        agent_head(state, host, f"{node.address}:{AGENT_PORT}")
+        + f"""capacity_vcpus = 4
 capacity_memory_mib = 4096
 
 [monitor]
@@ -114,12 +122,14 @@ mean_interval_s = {state.interval_s}
 
 [migration]
 tls = true
-""" + (
-        f"""
+"""
+        + (
+            f"""
 [lab]
 lie_about = {json.dumps(list(lie_about))}
 ignore_orders = {"true" if ignore_orders else "false"}
 """
-        if lie_about or ignore_orders
-        else ""
+            if lie_about or ignore_orders
+            else ""
+        )
     )

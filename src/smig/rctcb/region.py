@@ -168,13 +168,17 @@ def _assign(rows: Mapping[str, HostRecord], k: int) -> dict[str, tuple[str, ...]
 
 
 def _accepted_body(report: Report) -> dict[str, object]:
-    return {
+    body: dict[str, object] = {
         "monitor": report.monitor,
         "sequence": report.sequence,
         "verdict": report.verdict.value,
         "root": report.root,
         "mismatches": len(report.mismatches),
     }
+    if report.mismatches:  # what was found, in the record: where an operator starts looking
+        first = report.mismatches[0]
+        body["first"] = {"path": first.path, "offset": first.offset, "length": first.length, "reason": first.reason}
+    return body
 
 
 def _effect_subject(effect: Effect) -> str:
