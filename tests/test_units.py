@@ -64,6 +64,7 @@ def test_progress_from_query_migrate() -> None:
         ("Failed to connect to '/tmp/smig-tlszmh7ut/migrate.sock': Connection refused", DestinationUnreachable),
         ("Certificate does not have key usage digitalSignature", TLSError),
         ("Unable to write to socket: Bad address", MigrationError),
+        ("Unable to write to socket: Bad file descriptor", DestinationUnreachable),
         (None, MigrationError),
     ],
 )

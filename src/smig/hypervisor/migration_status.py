@@ -20,6 +20,9 @@ _UNREACHABLE = (
     "failed to connect",
     "connection reset",
     "broken pipe",
+    # QEMU 7.2 writing to a migration socket whose connect failed (a destination gone as the
+    # source connected): the channel was never there.
+    "unable to write to socket: bad file descriptor",
 )
 _TLS = ("tls", "certificate", "handshake", "x509", "gnutls")
 # QEMU quotes the paths and addresses it names; a word inside one (a directory called
