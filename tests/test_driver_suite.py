@@ -63,8 +63,8 @@ def backend(request: pytest.FixtureRequest, session_root: Path, guest_image: Gue
                 kernel=str(guest_image.kernel),
                 initrd=str(guest_image.initrd),
                 state_dir=f"/var/lib/smig/suite{next(_drivers)}",
-                # No TLS credentials: under nested TCG, dom0's OpenSSL corrupts records after about
-                # 150 KB (docs/XEN.md), so this driver must say it cannot, and refuse.
+                # No TLS credentials here, so this driver must say it cannot, and refuse; the Xen
+                # demo test migrates over TLS between hosts (docs/XEN.md).
             )
             made.append(XenDriver(host.channel, config))
             return made[-1]

@@ -41,11 +41,11 @@ def _lab(tmp_path: Path, hosts: int = 3, subnet: str = "10.77.0.0/24") -> LabSta
     return LabState("t1", str(tmp_path), names, subnet, "quorum", 1.0, None, hypervisor="xen")
 
 
-def test_a_xen_agent_drives_xl_in_dom0_without_cancel_and_refuses_tls(tmp_path: Path) -> None:
+def test_a_xen_agent_drives_xl_in_dom0_without_cancel(tmp_path: Path) -> None:
     config = parse_config(XEN_AGENT)
     assert (config.hypervisor, config.xen_kernel, config.xen_initrd) == ("xen", "/g/vmlinuz", "/g/initrd.img")
-    with pytest.raises(ConfigError, match="tls = true is not supported with hypervisor = xen"):
-        make_driver(config, TLSConfig(str(tmp_path), "h1"))
+    tls = TLSConfig(str(tmp_path), "10.77.0.2")
+    assert make_driver(config, tls).capabilities >= {Capability.TLS_MIGRATION}  # over socat's TLS
     driver = make_driver(config, None)
     assert isinstance(driver, XenDriver)
     assert driver.config.state_dir == str(config.home / "xen")
@@ -88,7 +88,7 @@ def test_the_monitor_addresses_count_down_clear_of_the_hosts(tmp_path: Path) -> 
 def test_the_lab_writes_a_dom0_agent_and_an_outside_monitor_that_parse(tmp_path: Path, xen_image: XenHostImage) -> None:
     state = _lab(tmp_path, hosts=2)
     agent = parse_config(xen_region.dom0_agent_config(state, "h1"))
-    assert (agent.hypervisor, agent.role, agent.monitoring, agent.migration_tls) == ("xen", "host", False, False)
+    assert (agent.hypervisor, agent.role, agent.monitoring, agent.migration_tls) == ("xen", "host", False, True)
     assert agent.listen_host == state.network.hosts["h1"].address  # dom0 holds the host's address
     assert agent.xen_state_dir == xen_region.DOM0_STATE
     # Its credentials are its own host's, from the one share dom0 gets.

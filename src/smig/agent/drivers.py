@@ -1,8 +1,8 @@
 """The hypervisor driver an agent drives, as its configuration names it (``[agent] hypervisor``).
 
 QEMU: the agent runs on the host and the driver starts QEMU processes in the agent's home. Xen:
-the agent runs in dom0 and the driver runs ``xl`` there, locally; Xen has no migration
-credentials here (TCG corrupts dom0's TLS in the lab: docs/XEN.md), so TLS is refused at start.
+the agent runs in dom0 and the driver runs ``xl`` there, locally, over socat's TLS with the
+agent's migration credentials when ``[migration] tls`` is on.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smig.agent.config import AgentConfig
-from smig.errors import ConfigError
 from smig.hypervisor.base import HypervisorDriver
 from smig.hypervisor.commands import LocalRunner
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
@@ -23,11 +22,6 @@ __all__ = ["ExecutorWaits", "executor_waits", "make_driver"]
 def make_driver(config: AgentConfig, tls: TLSConfig | None) -> HypervisorDriver:
     """Raises ConfigError: a combination this agent cannot run."""
     if config.hypervisor == "xen":
-        if tls is not None:
-            raise ConfigError(
-                "[migration] tls = true is not supported with hypervisor = xen yet: "
-                "set tls = false (migrations then run in the clear on the hosts' network)"
-            )
         return XenDriver(
             LocalRunner(),
             XenConfig(
@@ -35,6 +29,7 @@ def make_driver(config: AgentConfig, tls: TLSConfig | None) -> HypervisorDriver:
                 initrd=config.xen_initrd,
                 state_dir=config.xen_state_dir or str(config.home / "xen"),
                 migration_address=config.listen_host,
+                tls=tls,
             ),
         )
     return QemuDriver(QemuConfig(home=config.home, cache=config.cache, listen_host=config.listen_host, tls=tls))

@@ -181,7 +181,7 @@ reference = "{d / "manifest.json"}"
 reference_key = "{d / "reference-key.pub"}"
 
 [migration]
-tls = false  # TCG corrupts TLS records in a nested dom0 (docs/XEN.md)
+tls = true  # socat's TLS, with this agent's certificate: the receiver's name is checked
 
 [xen]
 kernel = "{guest.kernel}"
