@@ -7,16 +7,15 @@ agent's migration credentials when ``[migration] tls`` is on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from smig.agent.config import AgentConfig
+from smig.agent.executor import ExecutorWaits
 from smig.hypervisor.base import HypervisorDriver
 from smig.hypervisor.commands import LocalRunner
 from smig.hypervisor.qemu import QemuConfig, QemuDriver
 from smig.hypervisor.xen import XenConfig, XenDriver
 from smig.model import TLSConfig
 
-__all__ = ["ExecutorWaits", "executor_waits", "make_driver"]
+__all__ = ["executor_waits", "make_driver"]
 
 
 def make_driver(config: AgentConfig, tls: TLSConfig | None) -> HypervisorDriver:
@@ -33,16 +32,6 @@ def make_driver(config: AgentConfig, tls: TLSConfig | None) -> HypervisorDriver:
             ),
         )
     return QemuDriver(QemuConfig(home=config.home, cache=config.cache, listen_host=config.listen_host, tls=tls))
-
-
-@dataclass(frozen=True)
-class ExecutorWaits:
-    """How long the order executor gives the driver to answer (see OrderExecutor)."""
-
-    settle_wait_s: float = 0.3
-    abort_grace_s: float = 1.0
-    slot_glance_s: float = 0.1
-    poll_interval_s: float = 0.2
 
 
 def executor_waits(config: AgentConfig) -> ExecutorWaits:

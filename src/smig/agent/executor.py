@@ -48,7 +48,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,14 +81,35 @@ from smig.model import (
 )
 from smig.rctcb.agents import MigrationPhase, MigrationView, VMWhere
 
-__all__ = ["JOURNAL", "TRANSITIONS", "OrderExecutor", "Side", "Stage", "migration_tls_dir", "restart_key"]
+__all__ = [
+    "JOURNAL",
+    "TRANSITIONS",
+    "ExecutorWaits",
+    "OrderExecutor",
+    "Side",
+    "Stage",
+    "migration_tls_dir",
+    "restart_key",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PROGRESS_WAIT_S = 10.0  # the longest a `progress` call may wait for its migration to end
 SLOT_POLL_S = 1.0  # how often a follower looks at an incoming slot (its VM arrived? its QEMU died?)
-SLOT_GLANCE_S = 0.1  # how long it gives the slot's QEMU to answer that it runs the VM
+
+
+@dataclass(frozen=True)
+class ExecutorWaits:
+    """How long the executor gives its driver. The defaults suit a QEMU answering on its socket
+    within milliseconds; a driver whose every question runs host tools (Xen's ``xl``, slower
+    still in a nested dom0) needs them in seconds."""
+
+    poll_interval_s: float = 0.2  # how often a follower settles an outgoing migration
+    settle_wait_s: float = 0.3  # how long a call gives a slot to say it runs the VM
+    abort_grace_s: float = 1.0  # how long an abort gives a slot taking in the last bytes
+    slot_glance_s: float = 0.1  # how long a follower gives the slot's QEMU to say it runs the VM
+
 
 # -- the address a target hands out -----------------------------------------------------------
 
@@ -171,9 +192,7 @@ class OrderExecutor:
     in and out runs over TLS, and a QEMU driver must have been built with the same credentials
     (``True``: over TLS with whatever credentials the driver was built with).
     ``bandwidth_mibps``, ``downtime_ms``: as :class:`~smig.model.MigrationParams` (None: the
-    driver's default). The waits (``settle_wait_s``, ``abort_grace_s``, ``slot_glance_s``) suit a
-    QEMU answering on its socket within milliseconds; a driver whose every question runs host
-    tools (Xen's ``xl``, slower still in a nested dom0) needs them in seconds.
+    driver's default). ``waits``: :class:`ExecutorWaits`, fitted to the driver.
     Use it as an async context manager, or call :meth:`start` and :meth:`close`.
 
     Raises ConfigError at construction: a driver that lacks a capability this needs, credentials
@@ -188,11 +207,8 @@ class OrderExecutor:
         tls: TLSConfig | bool | None = None,
         bandwidth_mibps: float | None = None,
         downtime_ms: int | None = None,
-        poll_interval_s: float = 0.2,
+        waits: ExecutorWaits = ExecutorWaits(),
         progress_poll_s: float = 0.05,
-        settle_wait_s: float = 0.3,
-        abort_grace_s: float = 1.0,
-        slot_glance_s: float = SLOT_GLANCE_S,
         retention_s: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -217,11 +233,8 @@ class OrderExecutor:
             downtime_limit_ms=MigrationParams.downtime_limit_ms if downtime_ms is None else downtime_ms,
             tls=bool(tls),
         )
-        self._poll_s = poll_interval_s
+        self._waits = waits
         self._progress_poll_s = progress_poll_s
-        self._settle_wait_s = settle_wait_s
-        self._abort_grace_s = abort_grace_s
-        self._slot_glance_s = slot_glance_s
         self._journal = Journal(state_dir, retention_s, clock)
         self._locks: dict[str, asyncio.Lock] = {}
         self._followers: dict[str, asyncio.Task[None]] = {}
@@ -475,7 +488,7 @@ class OrderExecutor:
             log.error("an order follower stopped: %r", task.exception())
 
     async def _follower(self, order_id: str, vm: str) -> None:
-        delay = self._poll_s
+        delay = self._waits.poll_interval_s
         while True:
             async with self._lock(vm):
                 order = self._journal.orders.get(order_id)
@@ -486,8 +499,8 @@ class OrderExecutor:
                     # QEMU takes the migration in on its main loop, which every QMP question
                     # interrupts, and the RC-TCB's `where` settles the slot itself when it asks.
                     target = order.side is Side.TARGET
-                    order = await self._settle(order, slot_wait_s=self._slot_glance_s if target else None)
-                    delay = SLOT_POLL_S if target else self._poll_s
+                    order = await self._settle(order, slot_wait_s=self._waits.slot_glance_s if target else None)
+                    delay = SLOT_POLL_S if target else self._waits.poll_interval_s
                 except SmigError as e:
                     log.warning("%s: order %s: %s; trying again", vm, order_id, e)
                     delay = min(delay * 2, 5.0)
@@ -509,7 +522,7 @@ class OrderExecutor:
         if order.side is Side.SOURCE and order.stage in (Stage.MIGRATING, Stage.COMPLETING):
             return await self._settle_source(order)
         if order.side is Side.TARGET and order.stage is Stage.PREPARED:
-            return await self._settle_target(order, self._settle_wait_s if slot_wait_s is None else slot_wait_s)
+            return await self._settle_target(order, self._waits.settle_wait_s if slot_wait_s is None else slot_wait_s)
         return order
 
     async def _settle_source(self, order: JournalOrder) -> JournalOrder:
@@ -590,7 +603,7 @@ class OrderExecutor:
     async def _abort_slot(self, order: JournalOrder) -> JournalOrder:
         # A slot may be taking in the last bytes of a migration its source already calls complete:
         # killing it then would lose the VM. Give it a moment to start the guest.
-        order = await self._settle_target(order, self._abort_grace_s)
+        order = await self._settle_target(order, self._waits.abort_grace_s)
         if order.stage is Stage.PREPARED:
             order = await self._drop_slot(order, _incoming_of(order), "aborted on the RC-TCB's order")
         return order

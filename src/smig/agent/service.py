@@ -65,17 +65,13 @@ class Agent:
                 config.cert, config.key, config.ca, config.home / "agent" / "migration-tls", config.listen_host
             )
         self.driver = make_driver(config, tls)
-        waits = executor_waits(config)
         self.executor = OrderExecutor(
             self.driver,
             config.home / "agent",
             tls=tls is not None,
             bandwidth_mibps=config.bandwidth_mibps or None,
             downtime_ms=config.downtime_ms,
-            settle_wait_s=waits.settle_wait_s,
-            abort_grace_s=waits.abort_grace_s,
-            slot_glance_s=waits.slot_glance_s,
-            poll_interval_s=waits.poll_interval_s,
+            waits=executor_waits(config),
         )
         self.client = RctcbClient(config.rctcb, config.host, client_ssl_context(config.cert, config.key, config.ca))
         self.monitors: MonitorRunner | None = None
