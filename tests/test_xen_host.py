@@ -14,6 +14,7 @@ from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor, Observation
 from smig.aim.report import verify_report
 from smig.aim.schedule import Schedule
+from smig.aim.xen_dom0 import Dom0Reference
 from smig.aim.xen_judge import TEXT_TARGET
 from smig.aim.xen_measure import XenMeasurement, measure_xen, xen_subject
 from smig.aim.xen_memory import OuterQemu, XenMemoryError
@@ -157,6 +158,46 @@ def test_aim_reads_xen_from_outside_and_names_a_patched_function(
     asyncio.run(story())
     with pytest.raises(AttackError, match="not the outer QEMU"):
         asyncio.run(xen_attacks.xen_code(os.getpid(), xen_image.xen_syms))
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(600)
+def test_aim_reads_dom0s_toolstack_from_outside_and_names_a_patched_tool(
+    xen_host_running: XenHost, xen_image: XenHostImage
+) -> None:
+    """dom0's xenstored and xenconsoled are found along dom0's task list and match their package
+    files round after round; a byte of xenstored's code flipped from outside is named by file
+    offset, in its process; undone, it matches."""
+    host = xen_host_running
+    syms = xen_syms.load(xen_image.xen_syms)
+    dom0 = Dom0Reference.load(xen_image.kernel, [(local, path) for path, local in xen_image.dom0_tools])
+    outer = OuterQemu.of(host.pid)
+
+    async def measure() -> XenMeasurement:
+        return await measure_xen(host.pid, outer.memory_mib, outer.qmp_socket, syms, dom0=dom0)
+
+    async def story() -> None:
+        for _ in range(3):
+            healthy = await measure()
+            assert healthy.verdict is Verdict.MATCH, healthy.mismatches
+            measured = {t.target.split("[")[0] for t in healthy.targets[1:]}
+            assert {"dom0:/usr/lib/xen-4.17/bin/xenstored", "dom0:/usr/lib/xen-4.17/bin/xenconsoled"} <= measured
+            assert healthy.bytes > syms.text.size
+        record = await xen_attacks.toolstack_code(host.pid, dom0)
+        try:
+            attacked = await measure()
+            assert attacked.verdict is Verdict.MISMATCH
+            assert [(m.path, m.offset, m.length) for m in attacked.mismatches] == [
+                ("dom0:/usr/lib/xen-4.17/bin/xenstored", record.offset, 1)
+            ]
+            assert attacked.mismatches[0].pid > 1  # the process in dom0 that runs it
+        finally:
+            assert "restored" in attacks.undo(record)
+        assert (await measure()).verdict is Verdict.MATCH
+
+    asyncio.run(story())
+    with pytest.raises(AttackError, match="no reference for 'qemu'"):
+        asyncio.run(xen_attacks.toolstack_code(host.pid, dom0, tool="qemu"))
 
 
 @pytest.mark.qemu

@@ -50,6 +50,10 @@ subject_netns = "/run/netns/smig-lab-{host}"
 # [monitor] enabled = false for the agent in dom0.
 # subjects = "xen"
 # xen_syms = "/etc/smig/reference/xen-syms"
+# dom0's toolstack is measured too when dom0's kernel (its package's vmlinuz: where the task list
+# is, and the layout of a task) and the tools' package files are named, each by its path in dom0:
+# dom0_kernel = "/etc/smig/reference/dom0/vmlinuz"
+# dom0_tools = { "/usr/lib/xen-4.17/bin/xenstored" = "/etc/smig/reference/dom0/xenstored" }
 
 # [xen]                                # hypervisor = "xen": what the guests boot, paths in dom0
 # kernel = "/var/lib/smig/guest/vmlinuz"
@@ -94,6 +98,8 @@ _SECTIONS: dict[str, frozenset[str]] = {
             "enabled",
             "subjects",
             "xen_syms",
+            "dom0_kernel",
+            "dom0_tools",
         }
     ),
     "migration": frozenset({"tls", "bandwidth_mibps", "downtime_ms"}),
@@ -140,6 +146,8 @@ class AgentConfig:
     role: str = "host"  # or "monitor": measure the assigned subjects, nothing else
     subjects: str = "processes"  # or "xen": nested Xen hosts, measured from outside
     xen_syms: Path | None = None
+    dom0_kernel: Path | None = None
+    dom0_tools: tuple[tuple[str, Path], ...] = ()  # (path in dom0, the package's file here)
     xen_kernel: str = ""
     xen_initrd: str = ""
     xen_state_dir: str = ""  # default: HOME/xen
@@ -157,6 +165,25 @@ class AgentConfig:
         if self.subject_home:
             return procfs.hypervisor_pids(cmdline_contains=self.subject_home.format(host=host).rstrip("/") + "/")
         return procfs.hypervisor_pids(self.netns_of(host))
+
+
+def _dom0(monitor: Mapping[str, Any], subjects: str) -> tuple[Path | None, tuple[tuple[str, Path], ...]]:
+    kernel, tools = monitor.get("dom0_kernel"), monitor.get("dom0_tools")
+    if kernel is None and tools is None:
+        return None, ()
+    if subjects != "xen":
+        raise ConfigError('monitor.dom0_kernel and dom0_tools apply to subjects = "xen" only')
+    if not kernel or not isinstance(tools, dict) or not tools:
+        raise ConfigError(
+            "monitor.dom0_kernel and monitor.dom0_tools go together: the kernel's file, and a table of "
+            '"path in dom0" = "the package\'s file here"'
+        )
+    bad = [k for k, v in tools.items() if not k.startswith("/") or not isinstance(v, str) or not v]
+    if bad:
+        raise ConfigError(
+            f"monitor.dom0_tools: {', '.join(bad)}: each key is an absolute path in dom0, each value a file"
+        )
+    return Path(str(kernel)), tuple((k, Path(v)) for k, v in sorted(tools.items()))
 
 
 def _required(section: Mapping[str, Any], key: str, where: str) -> str:
@@ -198,6 +225,7 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
         raise ConfigError(f"monitor.subjects must be processes or xen, not {subjects!r}")
     if subjects == "xen":
         _required(monitor, "xen_syms", "monitor")
+    dom0_kernel, dom0_tools = _dom0(monitor, subjects)
     subject_home = str(monitor.get("subject_home", ""))
     if subject_home and "{host}" not in subject_home:
         raise ConfigError(f"monitor.subject_home must contain {{host}}, not {subject_home!r}")
@@ -234,6 +262,8 @@ def parse_config(text: str, *, source: str = "the configuration") -> AgentConfig
         role=role,
         subjects=subjects,
         xen_syms=Path(monitor["xen_syms"]) if subjects == "xen" else None,
+        dom0_kernel=dom0_kernel,
+        dom0_tools=dom0_tools,
         xen_kernel=str(xen.get("kernel", "")),
         xen_initrd=str(xen.get("initrd", "")),
         xen_state_dir=str(xen.get("state_dir", "")),

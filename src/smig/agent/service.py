@@ -37,7 +37,7 @@ from smig.aim.keys import load_private_key, public_key_pem
 from smig.aim.measure import Measurer
 from smig.aim.monitor import Monitor
 from smig.aim.schedule import Schedule
-from smig.aim.xen_measure import approved_xen_syms, xen_subject_found
+from smig.aim.xen_measure import approved_dom0, approved_xen_syms, xen_subject_found
 from smig.errors import ConfigError, SmigError
 from smig.model import VMState
 from smig.rctcb.ca import client_ssl_context
@@ -185,7 +185,10 @@ class Agent:
         if self.config.subjects == "xen":
             assert self.config.xen_syms is not None
             syms = approved_xen_syms(manifest, self.config.xen_syms)
-            subject_of = lambda host: xen_subject_found(host, lambda: self.config.hypervisors_of(host), syms)  # noqa: E731
+            dom0 = None
+            if self.config.dom0_kernel is not None:
+                dom0 = approved_dom0(manifest, self.config.dom0_kernel, self.config.dom0_tools)
+            subject_of = lambda host: xen_subject_found(host, lambda: self.config.hypervisors_of(host), syms, dom0)  # noqa: E731
         return MonitorRunner(
             monitor,
             self.client,

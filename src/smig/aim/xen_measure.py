@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from smig.aim.measure import Measurement
 from smig.aim.monitor import Subject
 from smig.aim.reference import Manifest
 from smig.aim.reference import build as build_manifest
+from smig.aim.xen_dom0 import Dom0Reference, ToolstackReading, measure_toolstack
 from smig.aim.xen_judge import TEXT_TARGET, judge_text
 from smig.aim.xen_memory import OuterQemu, PhysicalReader, XenMemoryError, find_ram, parse_cr3
 from smig.aim.xen_syms import XenSyms
@@ -32,6 +33,9 @@ from smig.model import HashAlgorithm, Mismatch, TargetDigest, Verdict
 
 TRANSLATE_ATTEMPTS = 5
 RETRY_S = 0.05
+DOM0_MISSES = 5  # rounds in a row dom0 may go unread before that is itself a mismatch
+DOM0_TARGET = "dom0:toolstack"
+REQUIRED_TOOL = "xenstored"  # no Xen host manages guests without it
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,20 @@ async def read_cr3(qmp_socket: Path) -> int:
 
 
 async def measure_xen(
-    pid: int, memory_mib: int, qmp_socket: Path, syms: XenSyms, cache: XenMeasurer | None = None
+    pid: int,
+    memory_mib: int,
+    qmp_socket: Path,
+    syms: XenSyms,
+    cache: XenMeasurer | None = None,
+    dom0: Dom0Reference | None = None,
 ) -> XenMeasurement:
-    """Measure the Xen of the nested host whose outer QEMU is ``pid``.
+    """Measure the Xen of the nested host whose outer QEMU is ``pid``, and with ``dom0`` its
+    toolstack's code too (:mod:`smig.aim.xen_dom0`).
 
     A host whose code cannot be read or translated, ``TRANSLATE_ATTEMPTS`` times in a row, is a
     mismatch, not an error: hiding from the monitor must not look like a pass. (One failed walk is
-    not: the page tables a CR3 named may be freed before they are walked.) Raises XenMemoryError
+    not: the page tables a CR3 named may be freed before they are walked.) The same holds for
+    dom0 over ``DOM0_MISSES`` rounds, since dom0 runs only now and then. Raises XenMemoryError
     only when the outer QEMU itself is gone (the host is down, which the caller judges by other
     means).
     """
@@ -89,19 +100,43 @@ async def measure_xen(
             hidden = Mismatch(TEXT_TARGET, 0, text.size, f"Xen's code cannot be read at its address: {failure}")
             elapsed = (time.perf_counter() - t0) * 1000
             return XenMeasurement(Verdict.MISMATCH, (), (hidden,), 0, elapsed, -1)
+        toolstack = await _toolstack(reader, dom0, qmp_socket, cache) if dom0 is not None else ToolstackReading((), ())
     digest = TargetDigest(f"xen:{syms.build_id}:.text@{text.addr:#x}+{text.size:#x}", blake3.blake3(now).hexdigest())
     known = cache.judged(digest.digest) if cache is not None else None
     mismatches = known if known is not None else tuple(judge_text(syms, now))
     if cache is not None:
         cache.remember(digest.digest, mismatches)
+    mismatches += toolstack.mismatches
+    tools = tuple(TargetDigest(target, blake3.blake3(code).hexdigest()) for target, code in toolstack.targets)
     return XenMeasurement(
         verdict=Verdict.MISMATCH if mismatches else Verdict.MATCH,
-        targets=(digest,),
+        targets=(digest, *tools),
         mismatches=mismatches,
-        bytes=len(now),
+        bytes=len(now) + sum(len(code) for _t, code in toolstack.targets),
         elapsed_ms=(time.perf_counter() - t0) * 1000,
         text_phys=phys,
     )
+
+
+async def _toolstack(
+    reader: PhysicalReader, dom0: Dom0Reference, qmp_socket: Path, cache: XenMeasurer | None
+) -> ToolstackReading:
+    """dom0's toolstack this round; unread rounds are counted in ``cache`` (without one, a single
+    unread round is a mismatch)."""
+    try:
+        found = await measure_toolstack(reader, dom0, lambda: read_cr3(qmp_socket))
+    except XenMemoryError as e:
+        misses = cache.dom0_missed() if cache is not None else DOM0_MISSES
+        if misses < DOM0_MISSES:
+            return ToolstackReading((), ())
+        return ToolstackReading((), (Mismatch(DOM0_TARGET, 0, 0, f"dom0's processes cannot be read: {e}"),))
+    if cache is not None:
+        cache.dom0_read()
+    required = [t.path for t in dom0.tools if Path(t.path).name == REQUIRED_TOOL]
+    if required and required[0] not in found.running:
+        gone = Mismatch(DOM0_TARGET, 0, 0, f"no {REQUIRED_TOOL} runs from its package's file in dom0")
+        return ToolstackReading(found.targets, (*found.mismatches, gone))
+    return found
 
 
 class XenMeasurer:
@@ -112,16 +147,20 @@ class XenMeasurer:
     read and hashed every round, so any change is judged at once).
     """
 
-    def __init__(self, outer: OuterQemu, syms: XenSyms) -> None:
+    def __init__(self, outer: OuterQemu, syms: XenSyms, dom0: Dom0Reference | None = None) -> None:
         self.outer = outer
         self.syms = syms
+        self.dom0 = dom0
         self._last: tuple[str, tuple[Mismatch, ...]] | None = None
+        self._dom0_misses = 0
 
     def measure(self) -> Measurement:
         """One round as a :class:`Measurement`, so it is reported, signed and verified as any other.
 
         Blocking: it runs its own event loop for the monitor read (call it from a worker thread)."""
-        m = asyncio.run(measure_xen(self.outer.pid, self.outer.memory_mib, self.outer.qmp_socket, self.syms, self))
+        m = asyncio.run(
+            measure_xen(self.outer.pid, self.outer.memory_mib, self.outer.qmp_socket, self.syms, self, self.dom0)
+        )
         return Measurement(
             verdict=m.verdict,
             root=root(HashAlgorithm.BLAKE3, ((t.target, t.digest) for t in m.targets)),
@@ -138,12 +177,20 @@ class XenMeasurer:
     def remember(self, digest: str, mismatches: tuple[Mismatch, ...]) -> None:
         self._last = (digest, mismatches)
 
+    def dom0_missed(self) -> int:
+        """Counts a round that could not read dom0; returns how many in a row."""
+        self._dom0_misses += 1
+        return self._dom0_misses
 
-def xen_subject(subject_id: str, outer_pid: int, syms: XenSyms) -> Subject:
+    def dom0_read(self) -> None:
+        self._dom0_misses = 0
+
+
+def xen_subject(subject_id: str, outer_pid: int, syms: XenSyms, dom0: Dom0Reference | None = None) -> Subject:
     """A monitor's subject that is a nested Xen host, measured from its outer QEMU.
 
     Raises XenMemoryError: ``outer_pid`` is not a nested host's outer QEMU."""
-    measurer = XenMeasurer(OuterQemu.of(outer_pid), syms)
+    measurer = XenMeasurer(OuterQemu.of(outer_pid), syms, dom0)
     return Subject(subject_id, find_pids=lambda: [outer_pid], files=False, measure=measurer.measure)
 
 
@@ -152,6 +199,18 @@ def approved_xen_syms(manifest: Manifest, path: Path) -> XenSyms:
     judges a Xen host only against the reference the RC-TCB approved for it.
 
     Raises ManifestError: the manifest does not list it, its bytes differ, or it does not parse."""
+    return load_syms(approved(manifest, path))
+
+
+def approved_dom0(manifest: Manifest, kernel: Path, tools: Iterable[tuple[str, Path]]) -> Dom0Reference:
+    """dom0's reference, only from files the approved manifest lists. Raises ManifestError."""
+    return Dom0Reference.load(approved(manifest, kernel), [(approved(manifest, local), path) for path, local in tools])
+
+
+def approved(manifest: Manifest, path: Path) -> Path:
+    """``path`` resolved, if the approved manifest lists that very file with these bytes.
+
+    Raises ManifestError: it does not."""
     resolved = path.resolve()
     want = manifest.files.get(str(resolved))
     if want is None:
@@ -159,10 +218,12 @@ def approved_xen_syms(manifest: Manifest, path: Path) -> XenSyms:
     have = build_manifest([resolved], algorithm=manifest.algorithm, leaf_size=manifest.leaf_size).files[str(resolved)]
     if have != want:
         raise ManifestError(f"{resolved} is not the file the approved reference manifest lists (its digest differs)")
-    return load_syms(resolved)
+    return resolved
 
 
-def xen_subject_found(subject_id: str, find_pids: Callable[[], list[int]], syms: XenSyms) -> Subject:
+def xen_subject_found(
+    subject_id: str, find_pids: Callable[[], list[int]], syms: XenSyms, dom0: Dom0Reference | None = None
+) -> Subject:
     """A nested Xen host as a monitor's subject, its outer QEMU found again each round (the host
     may be restarted, or be fenced). A round that finds none, or cannot read it, raises
     XenMemoryError: no report is better than a verdict on nothing."""
@@ -177,7 +238,7 @@ def xen_subject_found(subject_id: str, find_pids: Callable[[], list[int]], syms:
             raise XenMemoryError(f"{subject_id} has {len(pids)} outer QEMU processes, not one: nothing to measure")
         if pids[0] not in measurers:
             measurers.clear()
-            measurers[pids[0]] = XenMeasurer(OuterQemu.of(pids[0]), syms)
+            measurers[pids[0]] = XenMeasurer(OuterQemu.of(pids[0]), syms, dom0)
         return measurers[pids[0]].measure()
 
     return Subject(subject_id, find_pids=find, files=False, measure=measure)

@@ -18,6 +18,7 @@ from smig.aim.measure import Measurement, Measurer
 from smig.aim.monitor import Monitor, Observation, Subject
 from smig.aim.report import encode_report
 from smig.aim.schedule import Schedule
+from smig.aim.xen_dom0 import Dom0Reference
 from smig.aim.xen_measure import measure_xen
 from smig.aim.xen_memory import OuterQemu
 from smig.cli.common import emit_json, fail, out
@@ -188,11 +189,14 @@ def _measurement_json(m: Measurement, algorithm: HashAlgorithm) -> dict[str, Any
     }
 
 
-def _measure_xen(pid: int, syms_path: Path | None, *, strict: bool, as_json: bool) -> None:
+def _measure_xen(pid: int, syms_path: Path | None, *, dom0: bool, strict: bool, as_json: bool) -> None:
     try:
         outer = OuterQemu.of(pid)
-        syms = xen_syms.load(syms_path or XenImageBuilder(smig_cache()).load().xen_syms)
-        result = asyncio.run(measure_xen(pid, outer.memory_mib, outer.qmp_socket, syms))
+        image = XenImageBuilder(smig_cache()).load()
+        syms = xen_syms.load(syms_path or image.xen_syms)
+        tools = [(local, path) for path, local in image.dom0_tools]
+        reference = Dom0Reference.load(image.kernel, tools) if dom0 else None
+        result = asyncio.run(measure_xen(pid, outer.memory_mib, outer.qmp_socket, syms, dom0=reference))
     except SmigError as e:
         fail(str(e))
     if as_json:
@@ -209,6 +213,7 @@ def _measure_xen(pid: int, syms_path: Path | None, *, strict: bool, as_json: boo
                 "algorithm": HashAlgorithm.BLAKE3.value,
                 "pids": [pid],
                 "targets": len(result.targets),
+                "measured": [t.target for t in result.targets],
                 "xen_build_id": syms.build_id,
                 "text_physical_address": result.text_phys,
             }
@@ -219,6 +224,8 @@ def _measure_xen(pid: int, syms_path: Path | None, *, strict: bool, as_json: boo
             f"[{colour}]{result.verdict.value}[/{colour}]: Xen {syms.build_id[:12]} code, "
             f"{result.bytes / 1e6:.1f} MB at guest-physical {result.text_phys:#x}, in {result.elapsed_ms:.1f} ms"
         )
+        for t in result.targets[1:]:
+            out.print(f"  measured {t.target}", markup=False, soft_wrap=True)
         for x in result.mismatches:
             out.print(f"  {x.path} {x.offset:#x}+{x.length:#x}: {x.reason}", markup=False, soft_wrap=True)
     if strict and result.verdict is Verdict.MISMATCH:
@@ -235,6 +242,9 @@ def measure(
         None, "--xen", help="The outer QEMU of a nested Xen host: measure its Xen hypervisor's code from outside."
     ),
     xen_syms: Path | None = typer.Option(None, "--xen-syms", help="Xen's xen-syms [default: the Xen host image's]."),
+    dom0: bool = typer.Option(
+        True, "--dom0/--no-dom0", help="With --xen, also measure dom0's toolstack (xenstored, xenconsoled, xl)."
+    ),
     reference_file: Path | None = _REFERENCE,
     key: Path | None = _KEY,
     files: bool | None = typer.Option(
@@ -251,12 +261,14 @@ def measure(
 
     With --xen, the Xen hypervisor of a nested host is read from its outer QEMU's memory, through
     the host's own page tables, and judged against xen-syms from the Xen package: a mismatch is
-    "xen:.text", its offset into Xen's code, and the function it hit.
+    "xen:.text", its offset into Xen's code, and the function it hit. dom0's toolstack processes
+    are found along dom0's task list and their code judged against the package's files: a
+    mismatch is "dom0:PATH" and the file offset.
     """
     if sum(map(bool, (pid, host, all_local, xen is not None))) != 1:
         fail("name what to measure: --pid PID (repeatable), --host NETNS, --all, or --xen PID")
     if xen is not None:
-        _measure_xen(xen, xen_syms, strict=strict, as_json=as_json)
+        _measure_xen(xen, xen_syms, dom0=dom0, strict=strict, as_json=as_json)
         return
     try:
         _, manifest = _load(reference_file, key)

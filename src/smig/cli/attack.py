@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from smig.aim.xen_dom0 import Dom0Reference
 from smig.cli.common import emit_json, fail, out
 from smig.errors import SmigError
 from smig.lab import attacks, xen_attacks
@@ -127,6 +128,30 @@ def xen_code(
     try:
         path = syms or XenImageBuilder(smig_cache()).load().xen_syms
         record = asyncio.run(xen_attacks.xen_code(pid, path, function=function, offset=offset, length=length))
+    except SmigError as e:
+        fail(str(e))
+    _save(record)
+    _report(record, as_json, extra={"function": record.detail["function"]})
+
+
+@app.command("xen-toolstack")
+def xen_toolstack(
+    pid: int = typer.Option(..., "--pid", help="The outer QEMU of a nested Xen host (`smig lab` started it)."),
+    tool: str = typer.Option(xen_attacks.DEFAULT_TOOL, "--tool", help="xenstored, xenconsoled or xl."),
+    offset: int | None = typer.Option(
+        None, "--offset", min=0, help="Offset into the tool's code [default: its last byte, _fini's ret]."
+    ),
+    as_json: bool = _JSON,
+) -> None:
+    """Flip a byte of a dom0 toolstack process's code from outside its host, in the outer QEMU's memory.
+
+    The process is found along dom0's task list and the address translated through its own page
+    table, as a monitor does. The default byte only runs when the process exits: it keeps working.
+    """
+    try:
+        image = XenImageBuilder(smig_cache()).load()
+        ref = Dom0Reference.load(image.kernel, [(local, path) for path, local in image.dom0_tools])
+        record = asyncio.run(xen_attacks.toolstack_code(pid, ref, tool=tool, offset=offset))
     except SmigError as e:
         fail(str(e))
     _save(record)

@@ -98,7 +98,8 @@ def demo(
     attack: str | None = typer.Option(
         None,
         "--attack",
-        help="patch (the default), patch-lib, anon-exec, swap-binary or preload; xen-code on Xen (its only one).",
+        help="patch (the default), patch-lib, anon-exec, swap-binary or preload; on Xen, xen-code (the default) "
+        "or xen-toolstack.",
     ),
     policy: str | None = typer.Option(
         None,

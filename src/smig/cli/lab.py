@@ -174,7 +174,8 @@ def attack(
     kind: str = typer.Argument(
         "patch",
         help="patch, patch-lib, anon-exec, swap-binary, preload, lie (a lying monitor) or ignore-orders; "
-        "in a Xen lab, xen-code (a byte of Xen's own code, from outside the host).",
+        "in a Xen lab, xen-code (a byte of Xen's own code, from outside the host) or xen-toolstack "
+        "(a byte of dom0's xenstored's code, the same way).",
     ),
     transient_ms: int | None = typer.Option(
         None, "--transient-ms", min=1, help="patch/patch-lib only: restore the bytes after this many ms."

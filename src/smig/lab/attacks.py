@@ -29,7 +29,7 @@ from smig.aim import elf, procfs
 from smig.aim.procfs import MemoryMapping
 from smig.errors import AttackError, ProcessGone
 
-KINDS = ("patch", "anon-exec", "swap-binary", "preload", "xen-code")
+KINDS = ("patch", "anon-exec", "swap-binary", "preload", "xen-code", "xen-toolstack")
 _PADDING = re.compile(rb"\x00{16,}")
 
 
@@ -297,7 +297,7 @@ def undo(record: AttackRecord) -> str:
     Raises:
         AttackError: it cannot be undone.
     """
-    if record.kind == "xen-code":
+    if record.kind in ("xen-code", "xen-toolstack"):
         from smig.lab import xen_attacks  # it builds on this module
 
         return xen_attacks.undo(record)

@@ -17,8 +17,9 @@ kind                    what changes on the host
 ``lie``                 the host's agent, restarted as a monitor that reports false
                         mismatches about every subject it measures
 ``ignore-orders``       the host's agent, restarted to ignore the RC-TCB's orders
-``xen-code``            (a Xen lab's only kind) one byte of Xen's code, written from outside
+``xen-code``            (Xen labs) one byte of Xen's code, written from outside
                         the nested host into its outer QEMU's memory
+``xen-toolstack``       (Xen labs) one byte of dom0's xenstored's code, written the same way
 ======================  ==============================================================
 
 ``transient_ms`` makes ``patch``/``patch-lib`` restore themselves after that long.
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smig.aim.xen_dom0 import Dom0Reference
 from smig.errors import AttackError
 from smig.lab import attacks, net, xen_attacks, xen_region
 from smig.lab.bare import BARE_ARGS, DEFAULT_BINARY, FIRMWARE_DIRS
@@ -103,11 +105,17 @@ def attack_host(state: LabState, host: str, kind: str, *, transient_ms: int | No
     if host not in state.hosts:
         raise AttackError(f"no host {host!r} in lab {state.lab!r} (hosts: {', '.join(state.hosts)})")
     if state.hypervisor == "xen":
-        if kind != xen_attacks.KIND:
-            raise AttackError(f"a Xen lab knows one attack, {xen_attacks.KIND}, not {kind!r}")
-        return asyncio.run(xen_attacks.xen_code(_victim(state, host), xen_region.images()[0].xen_syms))
+        if kind not in xen_attacks.KINDS:
+            raise AttackError(f"a Xen lab knows the attacks {', '.join(xen_attacks.KINDS)}, not {kind!r}")
+        image = xen_region.images()[0]
+        if kind == xen_attacks.TOOLSTACK_KIND:
+            ref = Dom0Reference.load(image.kernel, [(local, path) for path, local in image.dom0_tools])
+            return asyncio.run(xen_attacks.toolstack_code(_victim(state, host), ref))
+        return asyncio.run(xen_attacks.xen_code(_victim(state, host), image.xen_syms))
     if kind not in KINDS:
-        raise AttackError(f"unknown attack {kind!r}; the lab knows {', '.join(KINDS)} ({xen_attacks.KIND} on Xen)")
+        raise AttackError(
+            f"unknown attack {kind!r}; the lab knows {', '.join(KINDS)} ({', '.join(xen_attacks.KINDS)} on Xen)"
+        )
     if transient_ms is not None and kind not in ("patch", "patch-lib"):
         raise AttackError("--transient-ms applies to patch and patch-lib only")
     if kind in ("patch", "patch-lib"):

@@ -52,6 +52,9 @@ PACKAGES = (
 XEN_PACKAGE = "xen-hypervisor-4.17-amd64"
 #: Its unstripped twin, whose xen-syms is the reference AIM judges Xen's code against.
 XEN_SYMS_PACKAGE = "xen-hypervisor-4.17-amd64-dbg"
+# The toolstack dom0 runs, as AIM measures it: the store, the console daemon, and xl (each guest's
+# ``xl create`` leaves one running to watch the domain; a migration runs two more).
+DOM0_TOOLS = tuple(f"/usr/lib/xen-4.17/bin/{name}" for name in ("xenstored", "xenconsoled", "xl"))
 XEN_SYMS_IN_PACKAGE = "usr/lib/debug/boot/xen-syms-4.17-amd64"
 #: Xen versions whose PV live migration works under TCG (shadow paging built in).
 MIGRATING_XEN = ("4.17.5",)
@@ -88,6 +91,12 @@ class XenHostImage:
     def xen_syms(self) -> Path:
         """Xen's unstripped ELF, from the -dbg package of the same version (AIM's reference)."""
         return self.xen.parent / "xen-syms"
+
+    @property
+    def dom0_tools(self) -> tuple[tuple[str, Path], ...]:
+        """(path in dom0, copy here) of each toolstack program AIM measures in dom0, copied from
+        the image's own tree, so from the packages, never from a running host."""
+        return tuple((path, self.xen.parent / "dom0-tools" / Path(path).name) for path in DOM0_TOOLS)
 
     @property
     def xen_version(self) -> str:
@@ -199,13 +208,27 @@ class XenImageBuilder:
             if current is not None and current.digest == digest and current.disk.exists():
                 if not current.xen_syms.exists():
                     self._fetch_xen_syms(current)
+                if not all(local.exists() for _p, local in current.dom0_tools):
+                    self._copy_dom0_tools(current)
                 return current, False
         if os.geteuid() != 0:
             raise ImageError("building the Xen host image needs root (debootstrap, device nodes in the tree)")
         self._build(digest)
         image = self.load()
         self._fetch_xen_syms(image)
+        self._copy_dom0_tools(image)
         return image, True
+
+    def _copy_dom0_tools(self, image: XenHostImage) -> None:
+        """Copy the toolstack programs out of the root disk (debugfs reads ext4 without mounting)."""
+        out = image.dom0_tools[0][1].parent
+        out.mkdir(exist_ok=True)
+        for path, local in image.dom0_tools:
+            part = local.with_suffix(".part")
+            _run(["debugfs", "-R", f"dump {path} {part}", str(image.disk)], f"debugfs dump {path}")
+            if not part.exists() or part.stat().st_size == 0:
+                raise ImageError(f"the Xen host image's disk has no {path}")
+            part.rename(local)
 
     def _fetch_xen_syms(self, image: XenHostImage) -> None:
         """Download xen-syms for exactly the Xen in the image, and prove it is that Xen: the

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import smig
-from smig.errors import ConfigError, LaunchError
+from smig.errors import ConfigError, ImageError, LaunchError
 from smig.guest.image import GuestImage, ImageBuilder
 from smig.hypervisor.commands import CommandRunner
 from smig.hypervisor.heartbeat import parse_last
@@ -66,7 +66,13 @@ def images() -> tuple[XenHostImage, GuestImage]:
 
 
 def reference_files() -> list[Path]:
-    return [images()[0].xen_syms]
+    """What the lab's manifest approves for its monitors: xen-syms, dom0's kernel and toolstack."""
+    image = images()[0]
+    files = [image.xen_syms, image.kernel, *(local for _path, local in image.dom0_tools)]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ImageError(f"the Xen host image lacks {', '.join(missing)}: run `smig image xen`")
+    return files
 
 
 def monitor_address(state: LabState, node: net.Node) -> str:
@@ -204,6 +210,8 @@ mean_interval_s = {state.interval_s}
 subject_netns = "/run/netns/{net.PREFIX}{state.lab}-{{host}}"
 subjects = "xen"
 xen_syms = "{images()[0].xen_syms}"
+dom0_kernel = "{images()[0].kernel}"
+dom0_tools = {{ {", ".join(f'"{path}" = "{local}"' for path, local in images()[0].dom0_tools)} }}
 
 [migration]
 tls = false  # a monitor migrates nothing
