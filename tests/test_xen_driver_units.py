@@ -3,10 +3,14 @@ specs before anything starts."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 import pytest
 
-from smig.errors import ConfigError
-from smig.hypervisor.xen import MIN_MEMORY_MIB, check_spec, domain_config, parse_xl_list
+from smig.errors import ConfigError, LaunchError
+from smig.hypervisor.commands import TIMED_OUT, CommandResult
+from smig.hypervisor.xen import MIN_MEMORY_MIB, XenConfig, XenDriver, check_spec, domain_config, parse_xl_list
 from smig.model import VMSpec, VMState
 
 XL_LIST = """Name                                        ID   Mem VCPUs\tState\tTime(s)
@@ -15,6 +19,9 @@ running                                      4    96     1     -b----       0.2
 busy                                         5    96     1     r-----       3.1
 held                                         6    96     1     --p---       1.0
 m1--incoming                                 7    96     1     ------       0.0
+waiting                                      8    96     1     ------       2.0
+gone                                         9    96     1     ---s--       2.0
+broken                                      10    96     1     ----c-       2.0
 """
 
 
@@ -25,7 +32,10 @@ def test_xl_list_is_read_by_name_without_dom0() -> None:
         "running": (4, 96, VMState.RUNNING),
         "busy": (5, 96, VMState.RUNNING),
         "held": (6, 96, VMState.PAUSED),
-        "m1--incoming": (7, 96, VMState.UNKNOWN),  # being built or received: not yet a guest
+        "m1--incoming": (7, 96, VMState.INCOMING),  # being received: not yet a guest
+        "waiting": (8, 96, VMState.RUNNING),  # runnable, waiting for the CPU dom0 has
+        "gone": (9, 96, VMState.UNKNOWN),
+        "broken": (10, 96, VMState.UNKNOWN),
     }
     assert parse_xl_list("") == {} and parse_xl_list("Name ID\ngarbage line\n") == {}
 
@@ -53,3 +63,18 @@ def test_specs_xen_cannot_run_are_refused(spec: VMSpec, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         check_spec(spec)
     check_spec(VMSpec(name="fine", memory_mib=MIN_MEMORY_MIB, working_set_mib=16))
+
+
+class _Dom0:
+    """A dom0 that answers `xl list` and fails reading the driver's records (a timeout, say)."""
+
+    async def run(self, argv: Sequence[str], *, input: str | None = None, timeout_s: float = 60.0) -> CommandResult:
+        if list(argv[:2]) == ["xl", "list"]:
+            return CommandResult(tuple(argv), 0, XL_LIST, "")
+        return CommandResult(tuple(argv), TIMED_OUT, "", "timed out")
+
+
+def test_a_listing_that_cannot_read_the_records_fails_rather_than_report_no_guests() -> None:
+    driver = XenDriver(_Dom0(), XenConfig(kernel="/k", initrd="/i", state_dir="/var/lib/smig/xen"))
+    with pytest.raises(LaunchError, match="cannot read the driver's records"):
+        asyncio.run(driver.list())

@@ -101,12 +101,16 @@ def parse_xl_list(text: str) -> dict[str, Domain]:
         if len(parts) < 6 or not parts[1].isdigit() or parts[1] == "0":
             continue
         flags = parts[4]
-        if "p" in flags:
+        if parts[0].endswith(INCOMING_SUFFIX):
+            state = VMState.INCOMING  # being received: not yet a guest, whatever its flags
+        elif "p" in flags:
             state = VMState.PAUSED
-        elif "r" in flags or "b" in flags:
+        elif any(f in flags for f in "scd"):
+            state = VMState.UNKNOWN  # shut down, crashed or dying
+        else:
+            # Running, blocked, or runnable and waiting for a CPU: the "------" a busy guest shows
+            # whenever dom0 has the only CPU, as it does while it runs this very `xl list`.
             state = VMState.RUNNING
-        else:  # shutdown, crashed, dying, or the "------" of a domain being built or received
-            state = VMState.UNKNOWN
         out[parts[0]] = Domain(parts[0], int(parts[1]), int(parts[2]), state)
     return out
 
@@ -285,7 +289,11 @@ class XenDriver:
         await self._forget(name)
 
     async def list(self) -> list[VMInfo]:
-        listing = await self._sh('cd "$1" 2>/dev/null && cat -- *.json 2>/dev/null | tr "\\n" " "', str(self._dir))
+        records = 'cd "$1" 2>/dev/null || exit 0; cat -- *.json 2>/dev/null | tr "\\n" " "'
+        listing = await self._sh(records, str(self._dir))
+        if not listing.ok:
+            # An empty answer here would tell the RC-TCB every guest is gone.
+            raise LaunchError(f"cannot read the driver's records in dom0: {listing.why()}")
         domains = await self._domains()
         out = []
         for line in listing.stdout.replace("}{", "}\n{").splitlines():

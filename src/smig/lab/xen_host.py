@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import re
+import secrets
 import socket
 import subprocess
 import threading
@@ -152,7 +153,9 @@ class Dom0Channel:
 
     def __init__(self, socket_path: Path) -> None:
         self._path = socket_path
-        self._ids = itertools.count(1)
+        # Ids start at random: the answer to a client killed mid-command still comes down the one
+        # stream, and must not be taken for the answer to the next client's first request.
+        self._ids = itertools.count(secrets.randbits(48))
         self._waiting: dict[int, concurrent.futures.Future[dict[str, object]]] = {}
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()  # the connection and the table of waiting requests
