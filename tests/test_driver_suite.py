@@ -192,8 +192,6 @@ def test_live_migration_moves_the_running_guest_once(backend: Backend, tls: bool
     asyncio.run(story())
 
 
-# Only for backends that declare cancel: the Xen driver does not yet (docs/XEN.md).
-@pytest.mark.parametrize("backend", ["qemu"], indirect=True)
 def test_a_cancelled_migration_leaves_the_guest_running_on_its_source(backend: Backend) -> None:
     source, target = backend.new_driver(), backend.new_driver()
     spec = VMSpec(name="suite3", memory_mib=backend.memory_mib, dirty_mbps=20, working_set_mib=32, heartbeat_ms=200)

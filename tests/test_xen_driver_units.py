@@ -8,10 +8,20 @@ from collections.abc import Sequence
 
 import pytest
 
-from smig.errors import ConfigError, LaunchError
+from smig.errors import ConfigError, LaunchError, MigrationCommitted, VMStateError
 from smig.hypervisor.commands import TIMED_OUT, CommandResult
-from smig.hypervisor.xen import MIN_MEMORY_MIB, XenConfig, XenDriver, check_spec, domain_config, parse_xl_list
-from smig.model import VMSpec, VMState
+from smig.hypervisor.xen import (
+    COMMIT_POINT,
+    MIN_MEMORY_MIB,
+    NO_RETURN,
+    TARGET_STARTING,
+    XenConfig,
+    XenDriver,
+    check_spec,
+    domain_config,
+    parse_xl_list,
+)
+from smig.model import Accel, IncomingVM, VMSpec, VMState
 
 XL_LIST = """Name                                        ID   Mem VCPUs\tState\tTime(s)
 Domain-0                                     0   768     2     r-----     107.3
@@ -78,3 +88,72 @@ def test_a_listing_that_cannot_read_the_records_fails_rather_than_report_no_gues
     driver = XenDriver(_Dom0(), XenConfig(kernel="/k", initrd="/i", state_dir="/var/lib/smig/xen"))
     with pytest.raises(LaunchError, match="cannot read the driver's records"):
         asyncio.run(driver.list())
+
+
+class _Migrating:
+    """A dom0 with xl migrate of m1 under way, where the cancel script reports xl past its commit
+    point (exit 4) or cut (exit 0)."""
+
+    def __init__(self, cancel_rc: int, log: str = "migration sender: ...") -> None:
+        self.cancel_rc, self.log = cancel_rc, log
+        self.scripts: list[str] = []
+
+    async def run(self, argv: Sequence[str], *, input: str | None = None, timeout_s: float = 60.0) -> CommandResult:
+        script = argv[2] if len(argv) > 2 else ""
+        self.scripts.append(script)
+        if "kill -STOP" in script:
+            return CommandResult(tuple(argv), self.cancel_rc, "", "")
+        record = '{"pid": 77, "transport": "socat - TCP:10.0.0.2:8002", "started_at": 0, "domid": 4}'
+        rc = "1" if self.cancel_rc == 0 and any("kill -STOP" in s for s in self.scripts) else ""
+        if argv[:1] == ["cat"] or tuple(argv[:1]) == ("cat",):  # the VM's own record
+            return CommandResult(tuple(argv), 0, '{"spec": {"name": "m1", "memory_mib": 96}, "domid": 4}', "")
+        return CommandResult(tuple(argv), 0, f"{record}\n%\n{rc}\n%\n{self.log}", "")
+
+
+def test_a_cancel_past_xls_commit_point_is_refused_and_one_before_it_cuts_the_transport() -> None:
+    config = XenConfig(kernel="/k", initrd="/i", state_dir="/s", poll_s=0.01)
+    late = _Migrating(cancel_rc=4)
+    with pytest.raises(MigrationCommitted, match="too late to cancel"):
+        asyncio.run(XenDriver(late, config).cancel_migration("m1"))
+    early = _Migrating(cancel_rc=0)
+    asyncio.run(XenDriver(early, config).cancel_migration("m1"))  # returns once xl has exited
+    cut = [s for s in early.scripts if "kill -STOP" in s]
+    assert len(cut) == 1 and 'pkill -f -x "$4"' in cut[0]
+    assert COMMIT_POINT == "migration sender: Target has acknowledged transfer"
+
+
+def test_a_guest_handed_over_before_the_migration_broke_is_not_resumed_on_its_source() -> None:
+    config = XenConfig(kernel="/k", initrd="/i", state_dir="/s", poll_s=0.01)
+    broken = _Migrating(cancel_rc=0, log=f"{COMMIT_POINT}.\n{NO_RETURN}.\nmigration sender: failed\n")
+    with pytest.raises(VMStateError, match="may run there"):
+        asyncio.run(XenDriver(broken, config).resume_source("m1"))
+    assert not any("unpause" in s or "rename" in s for s in broken.scripts)
+
+
+class _Receiving:
+    """A target dom0 whose xl migrate-receive has been told to start the guest, and has exited."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.written = ""
+
+    async def run(self, argv: Sequence[str], *, input: str | None = None, timeout_s: float = 60.0) -> CommandResult:
+        self.calls.append(tuple(argv))
+        if argv[0] == "cat":
+            return CommandResult(tuple(argv), 0, f"socat: listening\n{TARGET_STARTING}.\n", "")
+        if argv[0] == "kill":
+            return CommandResult(tuple(argv), 1, "", "no such process")
+        if list(argv[:2]) == ["xl", "list"]:
+            return CommandResult(tuple(argv), 0, XL_LIST.replace("running ", "m1      "), "")
+        if input:
+            self.written = input
+        return CommandResult(tuple(argv), 0, "", "")
+
+
+def test_aborting_a_receive_the_sender_already_handed_over_keeps_the_guest_here() -> None:
+    dom0 = _Receiving()
+    driver = XenDriver(dom0, XenConfig(kernel="/k", initrd="/i", state_dir="/s", poll_s=0.01))
+    incoming = IncomingVM(VMSpec(name="m1", memory_mib=96), "tcp:10.0.0.2:8002", 55, "m1", Accel.XEN_PV)
+    asyncio.run(driver.abort_incoming(incoming))
+    assert '"received_by": 55' in dom0.written and '"domid": 4' in dom0.written  # adopted as this driver's
+    assert not any(c[:2] == ("xl", "destroy") or "pkill" in " ".join(c) for c in dom0.calls)

@@ -41,7 +41,7 @@ def _lab(tmp_path: Path, hosts: int = 3, subnet: str = "10.77.0.0/24") -> LabSta
     return LabState("t1", str(tmp_path), names, subnet, "quorum", 1.0, None, hypervisor="xen")
 
 
-def test_a_xen_agent_drives_xl_in_dom0_without_cancel(tmp_path: Path) -> None:
+def test_a_xen_agent_drives_xl_in_dom0(tmp_path: Path) -> None:
     config = parse_config(XEN_AGENT)
     assert (config.hypervisor, config.xen_kernel, config.xen_initrd) == ("xen", "/g/vmlinuz", "/g/initrd.img")
     tls = TLSConfig(str(tmp_path), "10.77.0.2")
@@ -50,8 +50,7 @@ def test_a_xen_agent_drives_xl_in_dom0_without_cancel(tmp_path: Path) -> None:
     assert isinstance(driver, XenDriver)
     assert driver.config.state_dir == str(config.home / "xen")
     assert driver.config.migration_address == config.listen_host  # incoming migrations on the agent's address
-    assert Capability.CANCEL_MIGRATION not in driver.capabilities
-    # The executor takes a driver that cannot cancel (a cancel is then refused, not faked).
+    assert Capability.CANCEL_MIGRATION in driver.capabilities  # refused past xl's commit point
     OrderExecutor(driver, tmp_path / "agent")
     with pytest.raises(ConfigError, match="cannot do tls-migration"):
         OrderExecutor(driver, tmp_path / "agent2", tls=True)

@@ -106,6 +106,10 @@ class MigrationTimeout(MigrationError):
     """The migration did not complete within its time limit and was cancelled."""
 
 
+class MigrationCommitted(MigrationError):
+    """Too late to cancel: the hypervisor is handing the VM over, and the migration runs to its end."""
+
+
 class AIMError(SmigError):
     """Integrity measurement could not be done."""
 

@@ -134,8 +134,10 @@ def processes(reader: PhysicalReader, cr3: int, k: KernelLayout) -> list[Dom0Pro
             name_at = u64(u64(exe_file + k.file_dentry) + k.dentry_name)
             exe = reader.read_virtual(cr3, name_at, NAME_MAX).split(b"\0")[0].decode(errors="replace")
             pid = int(struct.unpack("<i", reader.read_virtual(cr3, task + k.task_pid, 4))[0])
-            pgd = reader.translate(cr3, u64(mm + k.mm_pgd))
-            out.append(Dom0Process(pid, exe, mm, pgd, u64(mm + k.mm_start_code), u64(mm + k.mm_end_code)))
+            start, end = u64(mm + k.mm_start_code), u64(mm + k.mm_end_code)
+            if start or end:  # both 0: exec has named the file but not mapped its code yet
+                pgd = reader.translate(cr3, u64(mm + k.mm_pgd))
+                out.append(Dom0Process(pid, exe, mm, pgd, start, end))
         at = u64(at)
     raise XenMemoryError(f"dom0's task list does not close within {MAX_TASKS} tasks")
 

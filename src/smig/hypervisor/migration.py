@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from smig.errors import MigrationCancelled, MigrationError, MigrationTimeout, SmigError
+from smig.errors import MigrationCancelled, MigrationCommitted, MigrationError, MigrationTimeout, SmigError
 from smig.hypervisor.base import Capability, HypervisorDriver
 from smig.hypervisor.migration_status import classify_failure
 from smig.model import IncomingVM, MigrationParams, MigrationProgress, MigrationStats, MigrationStatus
@@ -59,6 +59,9 @@ async def live_migrate(
             the VM still runs on the source.
         MigrationTimeout: ``params.timeout_s`` passed; cancelled, the VM runs on the source.
         MigrationCancelled: ``cancel`` was set; the VM runs on the source.
+
+    A cancel (or the time limit) that the source refuses as too late (MigrationCommitted: Xen's
+    handover has begun) lets the migration run to its end instead.
     """
     check_capabilities(source, target, params)
     spec = await source.spec(name)
@@ -67,6 +70,7 @@ async def live_migrate(
     try:
         await source.start_migration(name, incoming, params)
         deadline = None if params.timeout_s is None else loop.time() + params.timeout_s
+        committed = False  # a cancel came too late: from then on the migration runs to its end
         while True:
             progress = await source.migration_progress(name)
             if on_progress is not None:
@@ -75,9 +79,21 @@ async def live_migrate(
                 break
             if progress.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
                 raise classify_failure(progress.error or progress.status.value, vm=name)
-            if cancel is not None and cancel.is_set():
+            cancelled = cancel is not None and cancel.is_set()
+            late = deadline is not None and loop.time() >= deadline
+            if (cancelled or late) and not committed:
+                try:
+                    await source.cancel_migration(name)
+                except MigrationCommitted as e:
+                    # Cutting it now could leave the VM running nowhere: it runs to its end.
+                    log.warning("%s; waiting for it", e)
+                    committed = True
+                    continue
+                except SmigError as e:
+                    log.warning("cancelling the migration of %s: %s (the roll-back tries again)", name, e)
+            if cancelled and not committed:
                 raise MigrationCancelled(f"migration of {name} cancelled on request", vm=name)
-            if deadline is not None and loop.time() >= deadline:
+            if late and not committed:
                 raise MigrationTimeout(
                     f"migration of {name} did not complete within {params.timeout_s:.0f}s "
                     f"({progress.transferred_bytes >> 20} MiB sent, {progress.remaining_bytes >> 20} MiB left); "

@@ -16,9 +16,10 @@ transport (an empty ``-s`` makes xl run the "host" argument itself), and the des
 ``socat TCP-LISTEN`` hands the connection to ``xl migrate-receive``. So the driver, not ssh,
 owns the transport. xl reports no byte counts or downtime: progress is a state (active, then
 completed or failed), and the stats carry the total time only (downtime -1: unknown).
-Cancelling kills the source's transport: xl then takes its own failure path and resumes the
-domain at its end. Not declared as a capability yet: a cancel late in xl's protocol once left
-the guest owned by neither side. TLS: socat's OPENSSL addresses with the migration credentials
+Cancelling kills the source's transport, with xl stopped meanwhile: xl then takes its own
+failure path and resumes the domain at its end. From xl's commit point on (the target holds the
+whole guest and is about to be told to start it) a cancel is refused, since a cut there could
+leave the guest running on neither side. TLS: socat's OPENSSL addresses with the migration credentials
 (verify both ways, the receiver's name checked), declared only when credentials are configured.
 
 Xen's PV domain builder loads the guest kernel and initrd into the domain's initial memory:
@@ -38,6 +39,7 @@ from pathlib import PurePosixPath
 from smig.errors import (
     ConfigError,
     LaunchError,
+    MigrationCommitted,
     MigrationError,
     PortInUse,
     TLSError,
@@ -67,6 +69,10 @@ from smig.model import (
 MIN_MEMORY_MIB = 96
 CONSOLE_LOG_DIR = "/var/log/xen/console"
 INCOMING_SUFFIX = "--incoming"  # what xl names a domain while it is received
+# What xl migrate's sender logs once the target holds the whole guest: from here it hands over.
+COMMIT_POINT = "migration sender: Target has acknowledged transfer"
+NO_RETURN = "migration sender: Giving target permission to start"  # xl's own "point of no return"
+TARGET_STARTING = "migration target: Got permission, starting domain"
 AWAY_SUFFIX = "--migratedaway"  # what xl names the source's domain once the target has it
 _PORTS = (49152, 60999)
 
@@ -160,9 +166,9 @@ class XenDriver:
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        # No CANCEL_MIGRATION: a cancel late in xl's protocol once left the guest owned by
-        # neither side (docs/XEN.md). cancel_migration stays, for rolling back a failed one.
-        caps = {Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT}
+        # Cancel is refused from xl's commit point on (see cancel_migration), so it never leaves
+        # the guest owned by neither side.
+        caps = {Capability.LIVE_MIGRATION, Capability.TCP_TRANSPORT, Capability.CANCEL_MIGRATION}
         if self.config.tls is not None:
             caps.add(Capability.TLS_MIGRATION)
         return frozenset(caps)
@@ -374,14 +380,20 @@ class XenDriver:
             if loop.time() > deadline:
                 raise MigrationError(f"{name} did not start on this Xen host after its migration", vm=name)
             await asyncio.sleep(self.config.poll_s)
+        console = await self._adopt(incoming, domain)
+        if await self._wait_heartbeat(name, console) is None:
+            raise MigrationError(f"{name} arrived but its guest gives no heartbeat here", vm=name)
+        return self._info(incoming.spec, domain)
+
+    async def _adopt(self, incoming: IncomingVM, domain: Domain) -> str:
+        """Record the received domain as this driver's; returns its console log."""
+        name = incoming.spec.name
         # xenconsoled named the log when it attached, while xl still called the domain NAME--incoming.
         console = _console_log(f"{name}{INCOMING_SUFFIX}")
         record = {"spec": asdict(incoming.spec), "domid": domain.domid, "console": console, "received_by": incoming.pid}
         await self._write(self._file(name, "json"), json.dumps(record))
         await self._sh('rm -f "$1" "$1.log"', self._file(name, "in"))
-        if await self._wait_heartbeat(name, console) is None:
-            raise MigrationError(f"{name} arrived but its guest gives no heartbeat here", vm=name)
-        return self._info(incoming.spec, domain)
+        return console
 
     async def incoming_alive(self, incoming: IncomingVM) -> bool:
         # The listener exits once xl migrate-receive is done: then the slot lives on as the
@@ -399,6 +411,17 @@ class XenDriver:
 
     async def abort_incoming(self, incoming: IncomingVM) -> None:
         name = incoming.spec.name
+        if TARGET_STARTING in (await self._run("cat", self._file(name, "in.log"))).stdout:
+            # The sender has handed the guest over and will not resume it: cutting the receiver
+            # now could leave it running nowhere. It is let finish, and the guest kept here.
+            for _ in range(int(self.config.boot_timeout_s / self.config.poll_s)):
+                if not (await self._run("kill", "-0", str(incoming.pid))).ok:
+                    break
+                await asyncio.sleep(self.config.poll_s)
+            domain = (await self._domains()).get(name)
+            if domain is not None:
+                await self._adopt(incoming, domain)
+                return
         # The listener and the xl migrate-receive it started; then a half-received domain.
         await self._sh('pkill -P "$1"; kill "$1"', str(incoming.pid))
         if f"{name}{INCOMING_SUFFIX}" in await self._domains():
@@ -481,20 +504,64 @@ class XenDriver:
         return _progress(MigrationStatus.FAILED, elapsed, " / ".join(lines[-3:]) or f"xl migrate exited {rc}")
 
     async def cancel_migration(self, name: str) -> None:
+        """Cut the migration's transport, unless xl has reached its commit point.
+
+        xl hands the guest over in a handshake after the last page: once the target has
+        acknowledged the transfer, the sender renames its domain away and gives the target
+        permission to start. A transport cut from there on can leave the guest running on
+        neither side. So xl is stopped (SIGSTOP) while its log is read: before the commit point
+        the transport is cut and xl, continued, fails its save and resumes the guest here; from
+        it on, xl is continued untouched and the cancel is refused.
+
+        Raises MigrationCommitted: too late to cancel (the migration runs to its end).
+        MigrationError: xl did not stop after its transport was cut.
+        """
         record, rc, _ = await self._outgoing(name)
         if rc is not None:
             return
-        # Cut the transport: xl sees the stream fail and resumes the domain at its end.
-        await self._run("pkill", "-f", "-x", str(record["transport"]))
+        script = (
+            'x=$(pgrep -x -P "$1" xl) || exit 3; kill -STOP "$x"; '
+            'if grep -q -e "$3" "$2"; then kill -CONT "$x"; exit 4; fi; '
+            'if ! pgrep -f -x "$4" >/dev/null; then kill -CONT "$x"; exit 5; fi; '
+            'pkill -f -x "$4"; kill -CONT "$x"'
+        )
+        args = (str(record["pid"]), self._file(name, "out.log"), COMMIT_POINT, str(record["transport"]))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.boot_timeout_s
+        done = await self._sh(script, *args)
+        while done.rc == 5 and loop.time() < deadline:  # xl has not started its transport yet
+            await asyncio.sleep(self.config.poll_s)
+            done = await self._sh(script, *args)
+        if done.rc == 4:
+            raise MigrationCommitted(
+                f"too late to cancel the migration of {name}: the target has acknowledged the transfer "
+                "and xl is handing the guest over; it runs to its end",
+                vm=name,
+            )
+        if done.rc not in (0, 3):  # 3: xl has just exited on its own
+            raise MigrationError(f"cannot cancel the migration of {name}: {done.why() or done.rc}", vm=name)
         while (await self._outgoing(name, wait_s=self.config.poll_s))[1] is None:
             if loop.time() > deadline:
                 raise MigrationError(f"xl migrate of {name} did not stop after its transport was cut", vm=name)
             await asyncio.sleep(self.config.poll_s)
 
     async def resume_source(self, name: str) -> None:
+        """Resume the guest here after a failed or cancelled migration.
+
+        Raises VMStateError: xl had given the target permission to start it before the handshake
+        broke, so it may run there: resuming it here too could run it twice. It is left suspended
+        under its away name, for whoever confirms where it runs."""
         record = await self._record(name)
+        try:
+            log = (await self._outgoing(name))[2]
+        except VMStateError:
+            log = ""  # no migration record: nothing was handed over
+        if NO_RETURN in log:
+            raise VMStateError(
+                f"{name} was handed to the target (xl gave it permission to start) before the migration "
+                "broke: it may run there, so it is not resumed here",
+                vm=name,
+            )
         domains = await self._domains()
         away = domains.get(f"{name}{AWAY_SUFFIX}")
         if away is not None and away.domid == record.get("domid"):
