@@ -1,5 +1,6 @@
-"""The Xen driver's pure parts: reading `xl list`, writing a guest's configuration, refusing
-specs before anything starts."""
+"""The Xen driver: its pure parts (reading `xl list`, writing a guest's configuration, refusing
+specs before anything starts), and its decisions against scripted dom0s (listing, cancelling,
+resuming and aborting around xl's handover)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import pytest
 
 from smig.errors import ConfigError, LaunchError, MigrationCommitted, VMStateError
 from smig.hypervisor.commands import TIMED_OUT, CommandResult
-from smig.hypervisor.xen import (
+from smig.hypervisor.xen import XenConfig, XenDriver
+from smig.hypervisor.xl import (
     COMMIT_POINT,
     MIN_MEMORY_MIB,
     NO_RETURN,
     TARGET_STARTING,
-    XenConfig,
-    XenDriver,
     check_spec,
     domain_config,
     parse_xl_list,

@@ -22,8 +22,7 @@ whole guest and is about to be told to start it) a cancel is refused, since a cu
 leave the guest running on neither side. TLS: socat's OPENSSL addresses with the migration credentials
 (verify both ways, the receiver's name checked), declared only when credentials are configured.
 
-Xen's PV domain builder loads the guest kernel and initrd into the domain's initial memory:
-the Debian cloud kernel needs at least 96 MiB (64 fails with "segment module0 too large").
+What xl says and takes is read and written by :mod:`smig.hypervisor.xl` (pure).
 """
 
 from __future__ import annotations
@@ -50,6 +49,19 @@ from smig.errors import (
 from smig.hypervisor.base import Capability
 from smig.hypervisor.commands import CommandResult, CommandRunner
 from smig.hypervisor.heartbeat import parse_last
+from smig.hypervisor.xl import (
+    AWAY_SUFFIX,
+    COMMIT_POINT,
+    CONSOLE_LOG_DIR,
+    INCOMING_SUFFIX,
+    NO_RETURN,
+    TARGET_STARTING,
+    Domain,
+    check_spec,
+    console_log,
+    domain_config,
+    parse_xl_list,
+)
 from smig.model import (
     Accel,
     Heartbeat,
@@ -66,14 +78,6 @@ from smig.model import (
     valid_vm_name,
 )
 
-MIN_MEMORY_MIB = 96
-CONSOLE_LOG_DIR = "/var/log/xen/console"
-INCOMING_SUFFIX = "--incoming"  # what xl names a domain while it is received
-# What xl migrate's sender logs once the target holds the whole guest: from here it hands over.
-COMMIT_POINT = "migration sender: Target has acknowledged transfer"
-NO_RETURN = "migration sender: Giving target permission to start"  # xl's own "point of no return"
-TARGET_STARTING = "migration target: Got permission, starting domain"
-AWAY_SUFFIX = "--migratedaway"  # what xl names the source's domain once the target has it
 _PORTS = (49152, 60999)
 
 
@@ -89,71 +93,6 @@ class XenConfig:
     boot_timeout_s: float = 120.0
     command_timeout_s: float = 120.0
     poll_s: float = 0.5
-
-
-@dataclass(frozen=True)
-class Domain:
-    name: str
-    domid: int
-    memory_mib: int
-    state: VMState
-
-
-def parse_xl_list(text: str) -> dict[str, Domain]:
-    """``xl list``'s table, by domain name (dom0 left out)."""
-    out: dict[str, Domain] = {}
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) < 6 or not parts[1].isdigit() or parts[1] == "0":
-            continue
-        flags = parts[4]
-        if parts[0].endswith(INCOMING_SUFFIX):
-            state = VMState.INCOMING  # being received: not yet a guest, whatever its flags
-        elif "p" in flags:
-            state = VMState.PAUSED
-        elif any(f in flags for f in "scd"):
-            state = VMState.UNKNOWN  # shut down, crashed or dying
-        else:
-            # Running, blocked, or runnable and waiting for a CPU: the "------" a busy guest shows
-            # whenever dom0 has the only CPU, as it does while it runs this very `xl list`.
-            state = VMState.RUNNING
-        out[parts[0]] = Domain(parts[0], int(parts[1]), int(parts[2]), state)
-    return out
-
-
-def domain_config(spec: VMSpec, kernel: str, initrd: str) -> str:
-    """The ``xl`` configuration of a guest (pure)."""
-    extra = (
-        f"console=hvc0 quiet smig_hb_dev=hvc0 smig_hb_ms={spec.heartbeat_ms} "
-        f"smig_dirty={spec.dirty_mbps} smig_ws={spec.working_set_mib}"
-    )
-    return "\n".join(
-        [
-            f'name = "{spec.name}"',
-            'type = "pv"',
-            f'kernel = "{kernel}"',
-            f'ramdisk = "{initrd}"',
-            f'extra = "{extra}"',
-            f"memory = {spec.memory_mib}",
-            f"vcpus = {spec.vcpus}",
-            'on_crash = "preserve"',  # a crashed guest stays for a post-mortem, and is never restarted twice
-            "",
-        ]
-    )
-
-
-def check_spec(spec: VMSpec) -> None:
-    """Raises ConfigError: a spec this driver cannot run, before anything starts."""
-    if not valid_vm_name(spec.name) or len(spec.name) > 48:
-        raise ConfigError(f"bad VM name {spec.name!r}: use lower-case letters, digits, '.', '_' or '-'", vm=spec.name)
-    if spec.memory_mib < MIN_MEMORY_MIB:
-        raise ConfigError(
-            f"{spec.memory_mib} MiB is too little memory for a Xen PV guest ({MIN_MEMORY_MIB} at least)", vm=spec.name
-        )
-    if spec.dirty_mbps and spec.working_set_mib >= spec.memory_mib - 48:
-        raise ConfigError(
-            f"dirty working set {spec.working_set_mib} MiB does not fit a {spec.memory_mib} MiB guest", vm=spec.name
-        )
 
 
 class XenDriver:
@@ -228,7 +167,7 @@ class XenDriver:
     async def _heartbeat(self, name: str, console: str | None = None) -> Heartbeat | None:
         if console is None:
             record = await self._read_json(self._file(name, "json")) or {}
-            console = str(record.get("console") or _console_log(name))
+            console = str(record.get("console") or console_log(name))
         done = await self._run("tail", "-c", "4096", console)
         return parse_last(done.stdout) if done.ok else None
 
@@ -253,7 +192,7 @@ class XenDriver:
             raise VMExists(f"a Xen domain named {spec.name!r} already runs on this host", vm=spec.name)
         cfg = self._file(spec.name, "cfg")
         await self._write(cfg, domain_config(spec, self.config.kernel, self.config.initrd))
-        console = _console_log(spec.name)
+        console = console_log(spec.name)
         await self._empty(console)
         created = await self._run("xl", "create", cfg)
         if not created.ok:
@@ -330,7 +269,7 @@ class XenDriver:
             raise VMExists(f"{spec.name!r} is already being received on this Xen host", vm=spec.name)
         port = port or random.randint(*_PORTS)
         address = self.config.migration_address
-        await self._empty(_console_log(f"{spec.name}{INCOMING_SUFFIX}"))
+        await self._empty(console_log(f"{spec.name}{INCOMING_SUFFIX}"))
         log = self._file(spec.name, "in.log")
         listen = f"TCP-LISTEN:{port},bind={address},reuseaddr"
         if params.tls:
@@ -389,7 +328,7 @@ class XenDriver:
         """Record the received domain as this driver's; returns its console log."""
         name = incoming.spec.name
         # xenconsoled named the log when it attached, while xl still called the domain NAME--incoming.
-        console = _console_log(f"{name}{INCOMING_SUFFIX}")
+        console = console_log(f"{name}{INCOMING_SUFFIX}")
         record = {"spec": asdict(incoming.spec), "domid": domain.domid, "console": console, "received_by": incoming.pid}
         await self._write(self._file(name, "json"), json.dumps(record))
         await self._sh('rm -f "$1" "$1.log"', self._file(name, "in"))
@@ -598,10 +537,6 @@ class XenDriver:
             tls=params.tls,
             uri=incoming.uri,
         )
-
-
-def _console_log(domain_name: str) -> str:
-    return f"{CONSOLE_LOG_DIR}/guest-{domain_name}.log"
 
 
 def _spec(record: dict[str, object]) -> VMSpec:
