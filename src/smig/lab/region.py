@@ -307,7 +307,15 @@ def up(
         targets = list(vm_hosts) if vm_hosts is not None else names
         wanted = [(h, f"{h}-vm{i}") for h in targets for i in range(1, vms_per_host + 1)]
         if hypervisor == "xen":
-            _up_xen_hosts(state, wanted, memory_mib, dirty_mbps, progress, lambda: inside(state, enrol))
+            xen_region.up_hosts(
+                state,
+                wanted,
+                memory_mib,
+                dirty_mbps,
+                progress,
+                enrol=lambda: inside(state, enrol),
+                spawn_monitor=lambda host: _spawn_monitor(state, host),
+            )
         else:
             progress("enrolling the hosts")
             inside(state, enrol)
@@ -335,50 +343,15 @@ def up(
         raise
 
 
-def _up_xen_hosts(
-    state: LabState,
-    wanted: list[tuple[str, str]],
-    memory_mib: int,
-    dirty_mbps: int,
-    progress: Callable[[str], None],
-    enrol: Callable[[], None],
-) -> None:
-    """Boot the nested Xen hosts, enrol them, start the agent in each dom0 and each host's monitor
-    beside it, then the guests (see :mod:`smig.lab.xen_region`). Enrolled only once booted: a
-    host enrolled earlier would go UNKNOWN, unmeasured, while it boots, and an UNKNOWN host
-    measures no one."""
-    for host in state.hosts:  # shared with dom0 from its boot on
-        xen_region.write_dom0_files(state, host, xen_region.dom0_agent_config(state, host))
-    for name, pid in asyncio.run(xen_region.boot_hosts(state, progress)).items():
-        state.pids[f"xen-{name}"] = pid
-    state.save()
-    progress("enrolling the hosts")
-    enrol()
-    progress("starting the agent in each dom0 (importing SMIG under TCG takes about a minute) and each host's monitor")
-    agents = {}
-    for host in state.hosts:
-        agents[host] = asyncio.run(xen_region.start_dom0_agent(state, host))
-        home = state.host_home(host)
-        (home / "monitor.toml").write_text(xen_region.monitor_config(state, host))
-        state.pids[f"monitor-{host}"] = _spawn(
-            state.netns_of(state.network.hosts[host]),
-            _smig("agent", "run", "--config", str(home / "monitor.toml")),
-            state.path / f"monitor-{host}.log",
-            {"SMIG_HOME": str(home), "SMIG_CACHE": str(smig_cache())},
-        )
-    state.save()
-
-    async def agents_ready() -> None:
-        await asyncio.gather(*(xen_region.wait_dom0_agent(state, h, pid) for h, pid in agents.items()))
-
-    # Before the guests: an agent starting while its dom0 builds domains takes minutes, not one.
-    asyncio.run(agents_ready())
-    progress("the agents in dom0 are up")
-    if wanted:
-        progress(f"booting {len(wanted)} Xen PV guests ({memory_mib} MiB, dirtying {dirty_mbps} MiB/s)")
-        asyncio.run(xen_region.launch_vms(state, wanted, memory_mib, dirty_mbps))
-        for host, vm in wanted:
-            state.vms[vm] = host
+def _spawn_monitor(state: LabState, host: str) -> int:
+    """A Xen host's monitor, beside it in its node's namespace (not in its dom0)."""
+    home = state.host_home(host)
+    return _spawn(
+        state.netns_of(state.network.hosts[host]),
+        _smig("agent", "run", "--config", str(home / "monitor.toml")),
+        state.path / f"monitor-{host}.log",
+        {"SMIG_HOME": str(home), "SMIG_CACHE": str(smig_cache())},
+    )
 
 
 def _network_mode(asked: str, progress: Callable[[str], None]) -> str:

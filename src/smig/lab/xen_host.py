@@ -224,6 +224,12 @@ class Dom0Channel:
         rc, out, err = got.get("rc"), got.get("stdout"), got.get("stderr")
         return CommandResult(tuple(argv), int(rc) if isinstance(rc, int) else -1, str(out or ""), str(err or ""))
 
+    async def __aenter__(self) -> Dom0Channel:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         with self._lock:
             sock, self._sock = self._sock, None

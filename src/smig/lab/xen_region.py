@@ -230,11 +230,8 @@ async def start_dom0_agent(state: LabState, host: str) -> int:
         f'mkdir -p {DOM0_HOME}/cache && cd / && SMIG_HOME={DOM0_HOME} PYTHONPATH="$1" '
         f'setsid /usr/bin/python3 -m smig.agent "$2" >> {AGENT_LOG} 2>&1 < /dev/null & echo $!'
     )
-    ch = channel(state, host)
-    try:
+    async with channel(state, host) as ch:
         done = await ch.run(["sh", "-c", script, "sh", _pythonpath(), str(config)], timeout_s=30)
-    finally:
-        await ch.close()
     if not done.ok or not done.stdout.strip().isdigit():
         raise LaunchError(f"cannot start the agent in {host}'s dom0: {done.why()}", host=host)
     return int(done.stdout.strip())
@@ -243,10 +240,9 @@ async def start_dom0_agent(state: LabState, host: str) -> int:
 async def wait_dom0_agent(state: LabState, host: str, pid: int, timeout_s: float = AGENT_START_TIMEOUT_S) -> None:
     """Until the agent in ``host``'s dom0 says it is ready (its orders API is up). Raises
     LaunchError: it exited, or was not ready in time; its log's tail is in the message."""
-    ch = channel(state, host)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    try:
+    async with channel(state, host) as ch:
         while True:
             done = await ch.run(
                 ["sh", "-c", f'grep -q " ready" {AGENT_LOG} && echo ready; kill -0 "$1" || echo gone', "sh", str(pid)],
@@ -261,19 +257,15 @@ async def wait_dom0_agent(state: LabState, host: str, pid: int, timeout_s: float
                     f"the agent in {host}'s dom0 {why}: {tail.stdout.strip() or '(no output)'}", host=host
                 )
             await asyncio.sleep(3.0)
-    finally:
-        await ch.close()
 
 
 async def dom0_log(state: LabState, host: str, lines: int = 20) -> str:
     """The tail of the agent's log in ``host``'s dom0 (for an error message)."""
-    ch = channel(state, host)
     try:
-        done = await ch.run(["tail", "-n", str(lines), AGENT_LOG], timeout_s=20)
+        async with channel(state, host) as ch:
+            done = await ch.run(["tail", "-n", str(lines), AGENT_LOG], timeout_s=20)
     except xen_host.XenHostError as e:
         return f"(cannot read it: {e})"
-    finally:
-        await ch.close()
     return done.stdout.strip() or "(empty)"
 
 
@@ -297,13 +289,10 @@ async def launch_vms(state: LabState, wanted: Sequence[tuple[str, str]], memory_
     builds one domain at a time at best). Raises LaunchError, ConfigError."""
 
     async def on(host: str) -> None:
-        ch = channel(state, host)
-        try:
+        async with channel(state, host) as ch:
             for name in (n for h, n in wanted if h == host):
                 spec = VMSpec(name=name, memory_mib=memory_mib, dirty_mbps=dirty_mbps, working_set_mib=16)
                 await driver(state, host, ch).launch(spec)
-        finally:
-            await ch.close()
 
     failed = [
         r for r in await asyncio.gather(*map(on, dict.fromkeys(h for h, _ in wanted)), return_exceptions=True) if r
@@ -340,3 +329,46 @@ def python_ok() -> None:
             f"the Xen lab runs SMIG in dom0 with Debian bookworm's Python 3.11; this is Python "
             f"{sys.version_info[0]}.{sys.version_info[1]}, whose compiled libraries dom0 cannot load"
         )
+
+
+def up_hosts(
+    state: LabState,
+    wanted: list[tuple[str, str]],
+    memory_mib: int,
+    dirty_mbps: int,
+    progress: Callable[[str], None],
+    *,
+    enrol: Callable[[], None],
+    spawn_monitor: Callable[[str], int],
+) -> None:
+    """Boot the nested Xen hosts, enrol them, start the agent in each dom0 and each host's monitor
+    beside it (``spawn_monitor``, once its configuration is written), then the guests.
+
+    Enrolled only once booted: a host enrolled earlier would go UNKNOWN, unmeasured, while it
+    boots, and an UNKNOWN host measures no one."""
+    for host in state.hosts:  # shared with dom0 from its boot on
+        write_dom0_files(state, host, dom0_agent_config(state, host))
+    for name, pid in asyncio.run(boot_hosts(state, progress)).items():
+        state.pids[f"xen-{name}"] = pid
+    state.save()
+    progress("enrolling the hosts")
+    enrol()
+    progress("starting the agent in each dom0 (importing SMIG under TCG takes about a minute) and each host's monitor")
+    agents = {}
+    for host in state.hosts:
+        agents[host] = asyncio.run(start_dom0_agent(state, host))
+        (state.host_home(host) / "monitor.toml").write_text(monitor_config(state, host))
+        state.pids[f"monitor-{host}"] = spawn_monitor(host)
+    state.save()
+
+    async def agents_ready() -> None:
+        await asyncio.gather(*(wait_dom0_agent(state, h, pid) for h, pid in agents.items()))
+
+    # Before the guests: an agent starting while its dom0 builds domains takes minutes, not one.
+    asyncio.run(agents_ready())
+    progress("the agents in dom0 are up")
+    if wanted:
+        progress(f"booting {len(wanted)} Xen PV guests ({memory_mib} MiB, dirtying {dirty_mbps} MiB/s)")
+        asyncio.run(launch_vms(state, wanted, memory_mib, dirty_mbps))
+        for host, vm in wanted:
+            state.vms[vm] = host
