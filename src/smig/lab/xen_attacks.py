@@ -60,24 +60,10 @@ async def xen_code(
         with PhysicalReader(ram) as reader:
             phys = reader.translate(cr3, va)
             original = reader.read(phys, length)
-            _write(pid, ram.start + phys, bytes(b ^ 0xFF for b in original))
+            where = f"{function}+{offset:#x}"
+            return _flip(KIND, pid, ram.start + phys, original, TEXT_TARGET, va - syms.text.addr, where)
     except XenMemoryError as e:
         raise AttackError(str(e)) from e
-    return AttackRecord(
-        id=f"{KIND}-{secrets.token_hex(4)}",
-        kind=KIND,
-        pid=pid,
-        path=TEXT_TARGET,
-        offset=va - syms.text.addr,
-        length=length,
-        applied_at=time.time(),
-        detail={
-            "function": f"{function}+{offset:#x}",
-            "address": ram.start + phys,
-            "original": original.hex(),
-            "start_time": _start_time(pid),
-        },
-    )
 
 
 async def toolstack_code(
@@ -112,25 +98,27 @@ async def toolstack_code(
             except XenMemoryError as e:
                 raise AttackError(f"{tool}'s code at {at:#x} is not in memory (page {va // PAGE * PAGE:#x})") from e
             original = reader.read(phys, 1)
-            _write(pid, ram.start + phys, bytes(b ^ 0xFF for b in original))
+            where = f"{tool} (pid {proc.pid} in dom0)+{at:#x}"
+            path = f"dom0:{target.path}"
+            return _flip(TOOLSTACK_KIND, pid, ram.start + phys, original, path, target.offset + at, where)
     except SmigError as e:
         if isinstance(e, AttackError):
             raise
         raise AttackError(str(e)) from e
+
+
+def _flip(kind: str, pid: int, address: int, original: bytes, path: str, offset: int, where: str) -> AttackRecord:
+    """Write ``original`` inverted at ``address`` in QEMU ``pid``'s memory; the record undoes it."""
+    _write(pid, address, bytes(b ^ 0xFF for b in original))
     return AttackRecord(
-        id=f"{TOOLSTACK_KIND}-{secrets.token_hex(4)}",
-        kind=TOOLSTACK_KIND,
+        id=f"{kind}-{secrets.token_hex(4)}",
+        kind=kind,
         pid=pid,
-        path=f"dom0:{target.path}",
-        offset=target.offset + at,
-        length=1,
+        path=path,
+        offset=offset,
+        length=len(original),
         applied_at=time.time(),
-        detail={
-            "function": f"{tool} (pid {proc.pid} in dom0)+{at:#x}",
-            "address": ram.start + phys,
-            "original": original.hex(),
-            "start_time": _start_time(pid),
-        },
+        detail={"function": where, "address": address, "original": original.hex(), "start_time": _start_time(pid)},
     )
 
 
