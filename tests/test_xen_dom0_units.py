@@ -13,7 +13,7 @@ import pytest
 from smig.agent.config import EXAMPLE, parse_config
 from smig.aim import linux_image, xen_measure
 from smig.aim.linux_image import KernelLayout, _Btf
-from smig.aim.xen_dom0 import Dom0Process, Dom0Reference, Tool, judge_process
+from smig.aim.xen_dom0 import Dom0Process, Dom0Reference, Tool, dom0_cr3, judge_process
 from smig.aim.xen_memory import PAGE, XenMemoryError
 from smig.errors import ConfigError, ManifestError
 from smig.lab.xen_image import DOM0_TOOLS, XenHostImage
@@ -90,7 +90,7 @@ def test_a_process_is_judged_page_by_page_and_a_changed_byte_is_named_by_file_of
     tool = _tool(code)
     base = 0x5555_0000_0000  # where ASLR put it; the file's link address is 0x1000
     pages = {base + i * PAGE: code[i * PAGE : (i + 1) * PAGE] for i in (0, 2)}  # page 1 never ran
-    proc = Dom0Process(42, "xenstored", 0, 0, base, base + len(code))
+    proc = Dom0Process(42, "xenstored", 0, base, base + len(code))
     read, bad = judge_process(_Memory(pages), proc, tool)  # type: ignore[arg-type]
     assert bad == [] and len(read) == 2 * PAGE
 
@@ -105,7 +105,7 @@ def test_a_process_is_judged_page_by_page_and_a_changed_byte_is_named_by_file_of
 
 def test_a_process_whose_code_is_another_size_is_a_mismatch_without_reading() -> None:
     tool = _tool(bytes(2 * PAGE))
-    proc = Dom0Process(7, "xenstored", 0, 0, 0x4000, 0x4000 + PAGE)
+    proc = Dom0Process(7, "xenstored", 0, 0x4000, 0x4000 + PAGE)
     read, bad = judge_process(_Memory({}), proc, tool)  # type: ignore[arg-type]
     assert read == b"" and len(bad) == 1 and "bytes, the file's" in bad[0].reason
 
@@ -118,7 +118,7 @@ def test_dom0_going_unread_is_a_mismatch_only_after_several_rounds(monkeypatch: 
     layout = KernelLayout(0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, b"")
     ref = Dom0Reference(layout, ())
     cache = xen_measure.XenMeasurer.__new__(xen_measure.XenMeasurer)
-    cache._dom0_misses = 0
+    cache._dom0_misses, cache.dom0_cr3 = 0, None
 
     async def rounds() -> list[int]:
         found = []
@@ -128,7 +128,7 @@ def test_dom0_going_unread_is_a_mismatch_only_after_several_rounds(monkeypatch: 
         return found
 
     assert asyncio.run(rounds()) == [0] * (xen_measure.DOM0_MISSES - 1) + [1, 1]
-    cache.dom0_read()
+    cache.dom0_read(0x1000)
     assert asyncio.run(rounds())[0] == 0
 
 
@@ -174,3 +174,36 @@ def test_every_dom0_mistake_in_a_monitor_config_is_named(lines: str, names: str)
         parse_config(text)
     with pytest.raises(ConfigError, match='subjects = "xen" only'):
         parse_config(EXAMPLE.replace("[monitor]\n", "[monitor]\n" + 'dom0_kernel = "/r/v"\ndom0_tools = {}\n', 1))
+
+
+class _Tables:
+    """Page tables of which only ``good`` maps the kernel's export table."""
+
+    def __init__(self, good: int, probe: bytes) -> None:
+        self.good, self.probe = good, probe
+
+    def read_virtual(self, cr3: int, va: int, length: int) -> bytes:
+        if cr3 != self.good:
+            raise XenMemoryError("not mapped")
+        return self.probe[:length]
+
+
+def test_a_dom0_table_found_once_is_used_again_while_it_still_maps_the_kernel() -> None:
+    layout = KernelLayout(0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0xFFFF_FFFF_8246_0110, b"\x01" * 16)
+    tables = _Tables(0x5000, layout.probe)
+    asked: list[int] = []
+
+    async def vcpu() -> int:  # what the outer QEMU shows: a guest's table, then dom0's
+        asked.append(1)
+        return 0x9000 if len(asked) == 1 else 0x5000
+
+    assert asyncio.run(dom0_cr3(tables, layout, vcpu)) == 0x5000 and len(asked) == 2  # type: ignore[arg-type]
+    assert asyncio.run(dom0_cr3(tables, layout, vcpu, hint=0x5000)) == 0x5000 and len(asked) == 2  # type: ignore[arg-type]
+    tables.good = 0x7000  # the hint's table was freed and reused: it no longer maps the kernel
+    asked.clear()
+
+    async def later() -> int:
+        asked.append(1)
+        return 0x7000
+
+    assert asyncio.run(dom0_cr3(tables, layout, later, hint=0x5000)) == 0x7000 and asked == [1]  # type: ignore[arg-type]

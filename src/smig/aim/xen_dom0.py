@@ -16,12 +16,13 @@ same address, is another build). On 64-bit PV the kernel's table of a process ma
 half too, so ``mm->pgd`` walks user addresses.
 
 What this does not cover: the toolstack's shared libraries (``libxenctrl``, ``libxenstore``...),
-which would take walking each process's VMA tree; a process renamed away from its tool's name.
+which would take walking each process's VMA tree; a tool run from a file of another name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -95,14 +96,23 @@ class Dom0Reference:
 class Dom0Process:
     pid: int
     exe: str  # the name of the file it exec'd
-    mm: int  # its mm_struct (virtual): a process that exec'd again has another
     pgd: int  # guest-physical address of its page table's top level
     start_code: int
     end_code: int
 
 
-async def dom0_cr3(reader: PhysicalReader, k: KernelLayout, read_cr3: Callable[[], Awaitable[int]]) -> int:
-    """A CR3 that is one of dom0's kernel page tables. Raises XenMemoryError: none seen."""
+async def dom0_cr3(
+    reader: PhysicalReader, k: KernelLayout, read_cr3: Callable[[], Awaitable[int]], hint: int | None = None
+) -> int:
+    """A CR3 that is one of dom0's kernel page tables: ``hint`` (the last one found) if it still
+    is one, else the first the vCPU shows. Raises XenMemoryError: none seen.
+
+    Any dom0 process's kernel table maps the kernel, so one found stays good while it holds the
+    kernel's bytes; a freed one reused for anything else fails the same check."""
+    if hint is not None:
+        with contextlib.suppress(XenMemoryError):
+            if reader.read_virtual(hint, k.probe_addr, len(k.probe)) == k.probe:
+                return hint
     for _ in range(CR3_ATTEMPTS):
         cr3 = await read_cr3()
         try:
@@ -137,7 +147,7 @@ def processes(reader: PhysicalReader, cr3: int, k: KernelLayout) -> list[Dom0Pro
             start, end = u64(mm + k.mm_start_code), u64(mm + k.mm_end_code)
             if start or end:  # both 0: exec has named the file but not mapped its code yet
                 pgd = reader.translate(cr3, u64(mm + k.mm_pgd))
-                out.append(Dom0Process(pid, exe, mm, pgd, start, end))
+                out.append(Dom0Process(pid, exe, pgd, start, end))
         at = u64(at)
     raise XenMemoryError(f"dom0's task list does not close within {MAX_TASKS} tasks")
 
@@ -181,6 +191,7 @@ class ToolstackReading:
     targets: tuple[tuple[str, bytes], ...]  # (target, the code read) per toolstack process
     mismatches: tuple[Mismatch, ...]
     running: frozenset[str] = frozenset()  # the tools (paths in dom0) found running
+    cr3: int | None = None  # the dom0 page table it was read through
 
 
 def read_toolstack(reader: PhysicalReader, cr3: int, ref: Dom0Reference) -> ToolstackReading:
@@ -196,21 +207,21 @@ def read_toolstack(reader: PhysicalReader, cr3: int, ref: Dom0Reference) -> Tool
         size = proc.end_code - proc.start_code
         targets.append((f"dom0:{tool.path}[{proc.pid}]@{proc.start_code:#x}+{size:#x}", code))
         bad += found
-    return ToolstackReading(tuple(targets), tuple(bad), frozenset(running))
+    return ToolstackReading(tuple(targets), tuple(bad), frozenset(running), cr3)
 
 
 async def measure_toolstack(
-    reader: PhysicalReader, ref: Dom0Reference, read_cr3: Callable[[], Awaitable[int]]
+    reader: PhysicalReader, ref: Dom0Reference, read_cr3: Callable[[], Awaitable[int]], hint: int | None = None
 ) -> ToolstackReading:
-    """dom0's toolstack, judged; a mismatch counts only if a second pass, after a fresh CR3,
-    finds the very same one. A process exits or execs at any time, and the pages a first pass
-    walked may by then belong to something else: only what holds still is reported.
+    """dom0's toolstack, judged; a mismatch counts only if a second pass finds the very same one.
+    A process exits or execs at any time, and the pages a first pass walked may by then belong to
+    something else: only what holds still is reported. ``hint``: see :func:`dom0_cr3`.
 
     Raises XenMemoryError: no dom0 page table seen, or its task list does not read."""
-    first = read_toolstack(reader, await dom0_cr3(reader, ref.kernel, read_cr3), ref)
+    first = read_toolstack(reader, await dom0_cr3(reader, ref.kernel, read_cr3, hint), ref)
     if not first.mismatches:
         return first
     await asyncio.sleep(CONFIRM_S)
-    second = read_toolstack(reader, await dom0_cr3(reader, ref.kernel, read_cr3), ref)
+    second = read_toolstack(reader, await dom0_cr3(reader, ref.kernel, read_cr3, first.cr3), ref)
     confirmed = tuple(m for m in first.mismatches if m in second.mismatches)
-    return ToolstackReading(second.targets, confirmed, second.running)
+    return ToolstackReading(second.targets, confirmed, second.running, second.cr3)

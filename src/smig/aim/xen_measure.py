@@ -124,14 +124,15 @@ async def _toolstack(
     """dom0's toolstack this round; unread rounds are counted in ``cache`` (without one, a single
     unread round is a mismatch)."""
     try:
-        found = await measure_toolstack(reader, dom0, lambda: read_cr3(qmp_socket))
+        hint = cache.dom0_cr3 if cache is not None else None
+        found = await measure_toolstack(reader, dom0, lambda: read_cr3(qmp_socket), hint)
     except XenMemoryError as e:
         misses = cache.dom0_missed() if cache is not None else DOM0_MISSES
         if misses < DOM0_MISSES:
             return ToolstackReading((), ())
         return ToolstackReading((), (Mismatch(DOM0_TARGET, 0, 0, f"dom0's processes cannot be read: {e}"),))
     if cache is not None:
-        cache.dom0_read()
+        cache.dom0_read(found.cr3)
     required = [t.path for t in dom0.tools if Path(t.path).name == REQUIRED_TOOL]
     if required and required[0] not in found.running:
         gone = Mismatch(DOM0_TARGET, 0, 0, f"no {REQUIRED_TOOL} runs from its package's file in dom0")
@@ -153,6 +154,7 @@ class XenMeasurer:
         self.dom0 = dom0
         self._last: tuple[str, tuple[Mismatch, ...]] | None = None
         self._dom0_misses = 0
+        self.dom0_cr3: int | None = None  # the dom0 page table the last round read through
 
     def measure(self) -> Measurement:
         """One round as a :class:`Measurement`, so it is reported, signed and verified as any other.
@@ -182,8 +184,9 @@ class XenMeasurer:
         self._dom0_misses += 1
         return self._dom0_misses
 
-    def dom0_read(self) -> None:
+    def dom0_read(self, cr3: int | None) -> None:
         self._dom0_misses = 0
+        self.dom0_cr3 = cr3
 
 
 def xen_subject(subject_id: str, outer_pid: int, syms: XenSyms, dom0: Dom0Reference | None = None) -> Subject:
