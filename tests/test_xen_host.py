@@ -170,7 +170,7 @@ def test_aim_reads_dom0s_toolstack_from_outside_and_names_a_patched_tool(
     offset, in its process; undone, it matches."""
     host = xen_host_running
     syms = xen_syms.load(xen_image.xen_syms)
-    dom0 = Dom0Reference.load(xen_image.kernel, [(local, path) for path, local in xen_image.dom0_tools])
+    dom0 = Dom0Reference.load(xen_image.kernel, xen_image.dom0_tools)
     outer = OuterQemu.of(host.pid)
 
     async def measure() -> XenMeasurement:

@@ -85,11 +85,12 @@ class Dom0Reference:
     tools: tuple[Tool, ...]
 
     @classmethod
-    def load(cls, kernel: Path, tools: Iterable[tuple[Path, str]]) -> Dom0Reference:
-        """``kernel``: dom0's vmlinuz; ``tools``: (local copy, path in dom0) of each tool.
+    def load(cls, kernel: Path, tools: Iterable[tuple[str, Path]]) -> Dom0Reference:
+        """``kernel``: dom0's vmlinuz; ``tools``: (path in dom0, local copy) of each tool, as the
+        image (``XenHostImage.dom0_tools``) and a monitor's configuration name them.
 
         Raises ManifestError: a file is missing or not what it should be."""
-        return cls(kernel_layout(kernel), tuple(Tool.load(local, path) for local, path in tools))
+        return cls(kernel_layout(kernel), tuple(Tool.load(local, path) for path, local in tools))
 
 
 @dataclass(frozen=True)

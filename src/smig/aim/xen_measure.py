@@ -207,7 +207,7 @@ def approved_xen_syms(manifest: Manifest, path: Path) -> XenSyms:
 
 def approved_dom0(manifest: Manifest, kernel: Path, tools: Iterable[tuple[str, Path]]) -> Dom0Reference:
     """dom0's reference, only from files the approved manifest lists. Raises ManifestError."""
-    return Dom0Reference.load(approved(manifest, kernel), [(approved(manifest, local), path) for path, local in tools])
+    return Dom0Reference.load(approved(manifest, kernel), [(path, approved(manifest, local)) for path, local in tools])
 
 
 def approved(manifest: Manifest, path: Path) -> Path:

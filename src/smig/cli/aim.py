@@ -194,8 +194,7 @@ def _measure_xen(pid: int, syms_path: Path | None, *, dom0: bool, strict: bool, 
         outer = OuterQemu.of(pid)
         image = XenImageBuilder(smig_cache()).load()
         syms = xen_syms.load(syms_path or image.xen_syms)
-        tools = [(local, path) for path, local in image.dom0_tools]
-        reference = Dom0Reference.load(image.kernel, tools) if dom0 else None
+        reference = Dom0Reference.load(image.kernel, image.dom0_tools) if dom0 else None
         result = asyncio.run(measure_xen(pid, outer.memory_mib, outer.qmp_socket, syms, dom0=reference))
     except SmigError as e:
         fail(str(e))

@@ -150,7 +150,7 @@ def xen_toolstack(
     """
     try:
         image = XenImageBuilder(smig_cache()).load()
-        ref = Dom0Reference.load(image.kernel, [(local, path) for path, local in image.dom0_tools])
+        ref = Dom0Reference.load(image.kernel, image.dom0_tools)
         record = asyncio.run(xen_attacks.toolstack_code(pid, ref, tool=tool, offset=offset))
     except SmigError as e:
         fail(str(e))

@@ -109,7 +109,7 @@ def attack_host(state: LabState, host: str, kind: str, *, transient_ms: int | No
             raise AttackError(f"a Xen lab knows the attacks {', '.join(xen_attacks.KINDS)}, not {kind!r}")
         image = xen_region.images()[0]
         if kind == xen_attacks.TOOLSTACK_KIND:
-            ref = Dom0Reference.load(image.kernel, [(local, path) for path, local in image.dom0_tools])
+            ref = Dom0Reference.load(image.kernel, image.dom0_tools)
             return asyncio.run(xen_attacks.toolstack_code(_victim(state, host), ref))
         return asyncio.run(xen_attacks.xen_code(_victim(state, host), image.xen_syms))
     if kind not in KINDS:
