@@ -9,9 +9,10 @@ import struct
 
 import pytest
 
+from smig.aim.elf import Section
 from smig.aim.xen_judge import TEXT_TARGET, is_nops, judge_text
 from smig.aim.xen_memory import GuestRam, PhysicalReader, XenMemoryError, parse_cr3
-from smig.aim.xen_syms import AltSite, Section, XenSyms
+from smig.aim.xen_syms import AltSite, XenSyms
 
 BASE = 0xFFFF82D040200000
 

@@ -19,6 +19,33 @@ PT_LOAD = 1
 PF_X = 1
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section of an ELF file: its name, load address, file offset and size."""
+
+    name: str
+    addr: int
+    offset: int
+    size: int
+
+
+def sections(data: bytes, what: str) -> dict[str, Section]:
+    """The sections of a little-endian ELF64 file held in ``data``, by name.
+
+    Raises ManifestError: ``what`` (named in the message) is not such a file with sections."""
+    ident, _t, _m, _v, _e, _phoff, shoff, _f, _eh, _phs, _phn, shentsize, shnum, shstrndx = _EHDR.unpack_from(data)
+    if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1 or shnum == 0:
+        raise ManifestError(f"{what} is not a little-endian 64-bit ELF file with sections")
+    raw = [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
+    names = data[raw[shstrndx][4] : raw[shstrndx][4] + raw[shstrndx][5]]
+    out = {}
+    for name_off, _type, _flags, addr, offset, size, *_ in raw:
+        name = names[name_off : names.index(b"\0", name_off)].decode(errors="replace")
+        out[name] = Section(name, addr, offset, size)
+    return out
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from smig.aim.elf import Section
+from smig.aim.elf import sections as elf_sections
 from smig.errors import ManifestError
 
-_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-_SHDR = struct.Struct("<IIQQQQIIQQ")
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _BTF_MAGIC = 0xEB9F
 _BTF_HEADER = struct.Struct("<HBBIIIII")
@@ -74,34 +74,20 @@ def vmlinux(bzimage: bytes) -> bytes:
     return out
 
 
-def _sections(elf: bytes) -> dict[str, tuple[int, int, int]]:
-    """name -> (address, file offset, size)."""
-    ident, *_, shoff, _f, _eh, _phs, _phn, shentsize, shnum, shstrndx = _EHDR.unpack_from(elf)
-    if ident[4] != 2 or ident[5] != 1 or shnum == 0:
-        raise ManifestError("the kernel is not a little-endian 64-bit ELF file with sections")
-    raw = [_SHDR.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
-    names = elf[raw[shstrndx][4] : raw[shstrndx][4] + raw[shstrndx][5]]
-    return {
-        names[s[0] : names.index(b"\0", s[0])].decode(errors="replace"): (s[3], s[4], s[5])
-        for s in raw  # name_off, type, flags, addr, offset, size, ...
-    }
-
-
-def exported_symbol(elf: bytes, name: str) -> int:
+def exported_symbol(image: bytes, sections: dict[str, Section], name: str) -> int:
     """The address of an ``EXPORT_SYMBOL``-ed kernel symbol. Raises ManifestError: not exported."""
-    sections = _sections(elf)
     strings = sections.get("__ksymtab_strings")
     if strings is None:
         raise ManifestError("the kernel has no __ksymtab_strings")
     for table in ("__ksymtab", "__ksymtab_gpl"):
         if table not in sections:
             continue
-        addr, offset, size = sections[table]
+        addr, offset, size = sections[table].addr, sections[table].offset, sections[table].size
         for i in range(0, size - _KSYM.size + 1, _KSYM.size):
-            value_off, name_off, _ns = _KSYM.unpack_from(elf, offset + i)
-            name_at = addr + i + 4 + name_off - strings[0] + strings[1]
-            end = elf.find(b"\0", name_at)
-            if elf[name_at:end] == name.encode():
+            value_off, name_off, _ns = _KSYM.unpack_from(image, offset + i)
+            name_at = addr + i + 4 + name_off - strings.addr + strings.offset
+            end = image.find(b"\0", name_at)
+            if image[name_at:end] == name.encode():
                 return int(addr + i + value_off)
     raise ManifestError(f"the kernel does not export {name}")
 
@@ -164,19 +150,19 @@ class _Btf:
 def layout(bzimage_path: Path) -> KernelLayout:
     """Raises ManifestError: the file is not a kernel these facts can be read from."""
     try:
-        elf = vmlinux(bzimage_path.read_bytes())
+        image = vmlinux(bzimage_path.read_bytes())
     except OSError as e:
         raise ManifestError(f"cannot read {bzimage_path}: {e.strerror or e}") from e
-    sections = _sections(elf)
+    sections = elf_sections(image, str(bzimage_path))
     if ".BTF" not in sections:
         raise ManifestError(f"{bzimage_path} carries no BTF (CONFIG_DEBUG_INFO_BTF)")
-    _addr, offset, size = sections[".BTF"]
-    btf = _Btf(elf[offset : offset + size])
+    found = sections[".BTF"]
+    btf = _Btf(image[found.offset : found.offset + found.size])
     if "__ksymtab" not in sections:
         raise ManifestError(f"{bzimage_path} has no export table (__ksymtab)")
-    probe_addr, probe_offset, probe_size = sections["__ksymtab"]
+    exports = sections["__ksymtab"]
     return KernelLayout(
-        init_task=exported_symbol(elf, "init_task"),
+        init_task=exported_symbol(image, sections, "init_task"),
         task_tasks=btf.field("task_struct", "tasks"),
         task_comm=btf.field("task_struct", "comm"),
         task_mm=btf.field("task_struct", "mm"),
@@ -187,6 +173,6 @@ def layout(bzimage_path: Path) -> KernelLayout:
         mm_exe_file=btf.field("mm_struct", "exe_file"),
         file_dentry=btf.field("file", "f_path") + btf.field("path", "dentry"),
         dentry_name=btf.field("dentry", "d_name") + btf.field("qstr", "name"),
-        probe_addr=probe_addr,
-        probe=elf[probe_offset : probe_offset + min(probe_size, PROBE_LEN)],
+        probe_addr=exports.addr,
+        probe=image[exports.offset : exports.offset + min(exports.size, PROBE_LEN)],
     )

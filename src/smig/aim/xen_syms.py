@@ -16,24 +16,17 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from smig.aim import elf
+from smig.aim.elf import Section
 from smig.errors import ManifestError
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-_SHDR = struct.Struct("<IIQQQQIIQQ")
 _SYM = struct.Struct("<IBBHQQ")
 # Xen 4.17's struct alt_instr (xen/arch/x86/include/asm/alternative.h), packed: orig_offset,
 # repl_offset (each relative to its own field), cpuid, orig_len, repl_len, pad_len, priv. A site
 # spans orig_len + pad_len bytes: the build pads the original with NOPs to the replacement's size.
 _ALT = struct.Struct("<iiHBBBB")
 STT_FUNC = 2
-
-
-@dataclass(frozen=True)
-class Section:
-    name: str
-    addr: int
-    offset: int
-    size: int
 
 
 @dataclass(frozen=True)
@@ -80,20 +73,6 @@ class XenSyms:
         return [s.addr for s in self.alternatives]
 
 
-def _sections(data: bytes) -> dict[str, Section]:
-    ident, _t, _m, _v, _e, _phoff, shoff, _f, _eh, _phs, _phn, shentsize, shnum, shstrndx = _EHDR.unpack_from(data)
-    if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
-        raise ManifestError("xen-syms is not a little-endian 64-bit ELF file")
-    raw = [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
-    strtab = raw[shstrndx]
-    names = data[strtab[4] : strtab[4] + strtab[5]]
-    out = {}
-    for name_off, _type, _flags, addr, offset, size, *_ in raw:
-        name = names[name_off : names.index(b"\0", name_off)].decode()
-        out[name] = Section(name, addr, offset, size)
-    return out
-
-
 def _symbols(data: bytes, sections: dict[str, Section]) -> tuple[list[tuple[int, int, str]], dict[str, int]]:
     symtab, strtab = sections.get(".symtab"), sections.get(".strtab")
     if symtab is None or strtab is None:
@@ -123,7 +102,7 @@ def load(path: Path) -> XenSyms:
         data = path.read_bytes()
     except OSError as e:
         raise ManifestError(f"cannot read {path}: {e.strerror or e}") from e
-    sections = _sections(data)
+    sections = elf.sections(data, "xen-syms")
     text = sections.get(".text")
     if text is None:
         raise ManifestError(f"{path} has no .text")
