@@ -45,7 +45,7 @@ def test_the_dom0_kernels_facts_come_from_its_package_file(xen_image: XenHostIma
     k = linux_image.layout(xen_image.kernel)
     assert k.init_task >= 0xFFFFFFFF80000000  # a kernel address: the PV dom0 runs at its link address
     assert k.mm_end_code == k.mm_start_code + 8  # adjacent in mm_struct: the BTF is read right
-    assert len({k.task_tasks, k.task_comm, k.task_mm, k.task_pid}) == 4
+    assert len({k.task_tasks, k.task_mm, k.task_pid}) == 3
     assert len(k.probe) == linux_image.PROBE_LEN and any(k.probe)
     (tmp_path / "not-a-kernel").write_bytes(b"MZ" + bytes(4096))
     with pytest.raises(ManifestError, match="no xz"):
@@ -115,7 +115,7 @@ def test_dom0_going_unread_is_a_mismatch_only_after_several_rounds(monkeypatch: 
         raise XenMemoryError("no dom0 kernel page table")
 
     monkeypatch.setattr(xen_measure, "measure_toolstack", unreadable)
-    layout = KernelLayout(0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, b"")
+    layout = KernelLayout(0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, b"")
     ref = Dom0Reference(layout, ())
     cache = xen_measure.XenMeasurer.__new__(xen_measure.XenMeasurer)
     cache._dom0_misses, cache.dom0_cr3 = 0, None
@@ -139,7 +139,7 @@ def test_a_required_xenstored_that_is_not_running_is_a_mismatch(monkeypatch: pyt
         return ToolstackReading((), ())
 
     monkeypatch.setattr(xen_measure, "measure_toolstack", nothing_running)
-    ref = Dom0Reference(KernelLayout(0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, b""), (_tool(b"\xc3"),))
+    ref = Dom0Reference(KernelLayout(0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, b""), (_tool(b"\xc3"),))
     reading = asyncio.run(xen_measure._toolstack(None, ref, Path("/nowhere"), None))  # type: ignore[arg-type]
     assert [m.path for m in reading.mismatches] == [xen_measure.DOM0_TARGET]
     assert "no xenstored runs" in reading.mismatches[0].reason
@@ -189,7 +189,7 @@ class _Tables:
 
 
 def test_a_dom0_table_found_once_is_used_again_while_it_still_maps_the_kernel() -> None:
-    layout = KernelLayout(0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0xFFFF_FFFF_8246_0110, b"\x01" * 16)
+    layout = KernelLayout(0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0xFFFF_FFFF_8246_0110, b"\x01" * 16)
     tables = _Tables(0x5000, layout.probe)
     asked: list[int] = []
 

@@ -27,7 +27,7 @@ PROBE_LEN = 256
 _KSYM = struct.Struct("<iii")  # value, name, namespace: offsets from each field (PREL32)
 
 # BTF kinds (include/uapi/linux/btf.h) and how many bytes follow the 12-byte type record.
-_STRUCT, _UNION, _FWD, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG = 4, 5, 7, 8, 9, 10, 11, 18
+_STRUCT, _UNION, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG = 4, 5, 8, 9, 10, 11, 18
 _ALIASES = (_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG)
 
 
@@ -43,7 +43,6 @@ class KernelLayout:
 
     init_task: int  # virtual address
     task_tasks: int  # task_struct.tasks (struct list_head)
-    task_comm: int  # task_struct.comm (char[16])
     task_mm: int  # task_struct.mm (struct mm_struct *)
     task_pid: int  # task_struct.pid
     mm_pgd: int  # mm_struct.pgd (pgd_t *, a kernel virtual address)
@@ -164,7 +163,6 @@ def layout(bzimage_path: Path) -> KernelLayout:
     return KernelLayout(
         init_task=exported_symbol(image, sections, "init_task"),
         task_tasks=btf.field("task_struct", "tasks"),
-        task_comm=btf.field("task_struct", "comm"),
         task_mm=btf.field("task_struct", "mm"),
         task_pid=btf.field("task_struct", "pid"),
         mm_pgd=btf.field("mm_struct", "pgd"),
